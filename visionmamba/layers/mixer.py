@@ -1,0 +1,94 @@
+"""Bidirectional Mamba mixer ("bimamba v2"), parameter for parameter as in Vim / ShuffleMamba / Mamba-Reg.
+
+One shared ``in_proj`` produces x and the gate z; each direction has its own conv1d, x_proj, dt_proj, A and D
+(the backward ones suffixed ``_b``). The backward branch runs on the flipped sequence — x *and* z — and the
+two outputs are averaged before the single bias-free ``out_proj``:  out = out_proj((y_f + flip(y_b)) / 2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from .. import ops
+
+
+def _s4d_real_log(d_inner: int, d_state: int) -> Tensor:
+    """A_log = log(1..N) per channel (S4D-real), kept in fp32."""
+    A = repeat(torch.arange(1, d_state + 1, dtype=torch.float32), "n -> d n", d=d_inner).contiguous()
+    return torch.log(A)
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional selective-SSM token mixer. (B, L, D) -> (B, L, D).
+
+    Args:
+        d_model: token width D.  d_state: N (16).  d_conv: causal conv width (4).  expand: E = expand * D.
+        dt_rank: "auto" = ceil(D / 16).  dt_min/dt_max/dt_init_floor: range of the initial step size.
+        kernel_backend: ``auto|cuda|ref`` (see `visionmamba.ops`).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False, kernel_backend: str = "auto"):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.kernel_backend = kernel_backend
+        E, R, N = self.d_inner, self.dt_rank, d_state
+
+        # Registration order reproduces the official state_dict order (own parameters first, then modules).
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        self.conv1d = nn.Conv1d(E, E, kernel_size=d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+
+        # dt_proj weight ~ U(±R^-0.5) preserves variance; its bias is softplus^-1 of a log-uniform dt in
+        # [dt_min, dt_max] and is marked _no_reinit so the model-level init keeps it.
+        dt_std = R ** -0.5 * dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+        dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse softplus, pytorch/pytorch#72759
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True
+
+        self.A_log = nn.Parameter(_s4d_real_log(E, N))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(E))
+        self.D._no_weight_decay = True
+
+        # Backward direction. As in the official code, dt_proj_b keeps PyTorch's default init and its bias is
+        # NOT marked _no_reinit, so the model init zeroes it (Δ_b starts at softplus(0) = 0.693).
+        self.A_b_log = nn.Parameter(_s4d_real_log(E, N))
+        self.A_b_log._no_weight_decay = True
+        self.conv1d_b = nn.Conv1d(E, E, kernel_size=d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj_b = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj_b = nn.Linear(R, E, bias=True)
+        self.D_b = nn.Parameter(torch.ones(E))
+        self.D_b._no_weight_decay = True
+
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        seqlen = hidden_states.shape[1]
+        # One matmul that also transposes to the (B, 2E, L) layout the scan wants.
+        xz = rearrange(self.in_proj.weight @ rearrange(hidden_states, "b l d -> d (b l)"), "d (b l) -> b d l",
+                       l=seqlen)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        A_b = -torch.exp(self.A_b_log.float())
+        y_f = ops.mamba_inner_no_out_proj(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                                          self.dt_proj.weight, A, self.D.float(), self.dt_proj.bias.float(),
+                                          backend=self.kernel_backend)
+        y_b = ops.mamba_inner_no_out_proj(xz.flip([-1]), self.conv1d_b.weight, self.conv1d_b.bias,
+                                          self.x_proj_b.weight, self.dt_proj_b.weight, A_b, self.D_b.float(),
+                                          self.dt_proj_b.bias.float(), backend=self.kernel_backend)
+        y = rearrange(y_f + y_b.flip([-1]), "b e l -> b l e") / 2  # (B, L, E)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)

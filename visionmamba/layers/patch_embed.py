@@ -1,0 +1,25 @@
+"""Patch embedding: one Conv2d, key ``patch_embed.proj`` as in the official code."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def grid_size(img_size: int, patch_size: int, stride: int) -> int:
+    """Tokens per side: (img - patch) // stride + 1 (14 for 224/16/16, 27 for stride 8)."""
+    return (img_size - patch_size) // stride + 1
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, stride: int = 16, in_chans: int = 3,
+                 embed_dim: int = 192):
+        super().__init__()
+        self.img_size, self.patch_size, self.stride = img_size, patch_size, stride
+        self.grid = grid_size(img_size, patch_size, stride)
+        self.num_patches = self.grid * self.grid
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> tokens (B, h*w, D) and the token grid (h, w)."""
+        x = self.proj(x)  # (B, D, h, w)
+        grid = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), grid

@@ -1,0 +1,69 @@
+"""Stochastic layer-wise shuffle (ShuffleMamba, arXiv 2408.17081), as a plug-in for any sequence backbone.
+
+Per layer i of a depth-`n` stack the shuffle fires with probability
+    linear:   p_i = rate * i / (n - 1)      (layer 0 never shuffles; the official default)
+    constant: p_0 = 0, p_i = rate for i > 0 (the official commented-out alternative)
+One Bernoulli draw per layer per forward (from the CPU RNG, so no device sync), one ``randperm(L)`` shared by
+the whole batch, applied to the hidden states and the residual, and undone right after the layer. Every token
+is permuted — cls token and registers included — so their read-out positions stay valid. Nothing happens in
+eval mode. Indexing along the sequence dimension (``index_select``) is used instead of the official expanded
+per-sample ``gather``: same result, no (B, L, D) index tensor.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+SCHEDULES = ("linear", "constant")
+
+
+def shuffle_probabilities(rate: float, depth: int, schedule: str = "linear") -> list[float]:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown shuffle schedule {schedule!r}; choose one of {SCHEDULES}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"shuffle rate must be in [0, 1], got {rate}")
+    if depth == 1:
+        return [0.0]
+    if schedule == "linear":
+        # torch.linspace as in the official code, so the float values match bit for bit
+        return [p.item() for p in torch.linspace(0, rate, depth, device="cpu")]
+    return [0.0] + [float(rate)] * (depth - 1)
+
+
+class LayerwiseShuffle(nn.Module):
+    """Wraps the calls of a layer stack: ``hidden, residual = shuffle(i, layer, hidden, residual)``.
+
+    ``hidden`` and ``residual`` are (B, L, D); the layer returns the same pair. Holds no parameters, so it never
+    changes a state_dict. ``fired`` counts how often each layer shuffled (for tests and logging).
+    """
+
+    def __init__(self, depth: int, rate: float = 0.0, schedule: str = "linear"):
+        super().__init__()
+        self.depth = depth
+        self.set_rate(rate, schedule)
+
+    def set_rate(self, rate: float, schedule: Optional[str] = None) -> None:
+        self.rate = float(rate)
+        self.schedule = schedule or getattr(self, "schedule", "linear")
+        self.probs = shuffle_probabilities(self.rate, self.depth, self.schedule)
+        self.fired = [0] * self.depth
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, rate={self.rate}, schedule={self.schedule}"
+
+    def forward(self, index: int, layer: Callable, hidden: Tensor, residual: Optional[Tensor]):
+        p = self.probs[index]
+        if not self.training or p <= 0.0 or torch.rand(1).item() >= p:
+            return layer(hidden, residual)
+        self.fired[index] += 1
+        seqlen = hidden.shape[1]
+        perm = torch.randperm(seqlen, device=hidden.device)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(seqlen, device=perm.device)
+        hidden = hidden.index_select(1, perm)
+        if residual is not None:
+            residual = residual.index_select(1, perm)
+        hidden, residual = layer(hidden, residual)
+        return hidden.index_select(1, inverse), residual.index_select(1, inverse)

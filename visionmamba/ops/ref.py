@@ -51,7 +51,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """Cast to the compute dtype and apply the delta bias/softplus.
 
-    Shapes: u, delta, z (B, E, L); A (E, N); B, C (B, N, L).
+    Shapes: u, delta, z (B, E, L); A (E, N); B, C (B, N, L) or grouped (B, G, N, L).
     """
     ct = _compute_dtype(u)
     delta = delta.to(ct)
@@ -71,12 +71,22 @@ def _finish(y, u, D, z, out_dtype):
 
 
 def _check_shapes(u, A, B, C):
-    if B.dim() != 3 or C.dim() != 3:
-        raise ValueError(
-            f"B and C must be (batch, d_state, L) (variable, ungrouped); got {tuple(B.shape)} and {tuple(C.shape)}"
-        )
-    if A.shape[0] != u.shape[1] or A.shape[1] != B.shape[1]:
-        raise ValueError(f"A {tuple(A.shape)} does not match u {tuple(u.shape)} / B {tuple(B.shape)}")
+    for name, X in (("B", B), ("C", C)):
+        if X.dim() not in (3, 4):
+            raise ValueError(f"{name} must be (batch, d_state, L) or grouped (batch, groups, d_state, L); "
+                             f"got {tuple(X.shape)}")
+        if X.dim() == 4 and u.shape[1] % X.shape[1]:
+            raise ValueError(f"{name} has {X.shape[1]} groups, which do not divide the {u.shape[1]} channels of u")
+        if X.shape[-2] != A.shape[1]:
+            raise ValueError(f"{name} {tuple(X.shape)} does not match A {tuple(A.shape)} (d_state)")
+    if A.shape[0] != u.shape[1]:
+        raise ValueError(f"A {tuple(A.shape)} does not match u {tuple(u.shape)}")
+
+
+def _grouped(X: Tensor) -> Tensor:
+    """B or C as (batch, groups, N, L). Ungrouped (batch, N, L) is one group shared by every channel; with G groups,
+    channel e reads group e // (E / G) (mamba-ssm's convention), so u/delta/states are viewed as (b, G, E/G, ...)."""
+    return X.unsqueeze(1) if X.dim() == 3 else X
 
 
 def _scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=None):
@@ -86,6 +96,8 @@ def _scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     uf, dt, Af, Bf, Cf = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, dim, seqlen = uf.shape
     dstate = Af.shape[1]
+    Bg, Cg = _grouped(Bf), _grouped(Cf)  # (b, g, n, L)
+    gb, gc = Bg.shape[1], Cg.shape[1]
     chunk = chunk or _chunk_size(batch, dim, dstate)
     h = uf.new_zeros(batch, dim, dstate)  # running state, fp32
     ys = []
@@ -96,13 +108,15 @@ def _scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
         # log-decay of each step and its running sum inside the chunk
         dA = dt_c.unsqueeze(-1) * Af[None, :, None, :]  # (b, e, T, n), <= 0
         S = dA.cumsum(dim=2)  # (b, e, T, n)
-        dBu = (dt_c * uf[:, :, start:end]).unsqueeze(-1) * Bf[:, None, :, start:end].transpose(-1, -2)  # (b,e,T,n)
+        dtu = (dt_c * uf[:, :, start:end]).view(batch, gb, dim // gb, T, 1)
+        dBu = (dtu * Bg[:, :, None, :, start:end].transpose(-1, -2)).reshape(batch, dim, T, dstate)  # (b, e, T, n)
         # decay[t, s] = exp(S_t - S_s) for s <= t, 0 otherwise; the mask is applied before exp so no inf appears
         diff = S.unsqueeze(3) - S.unsqueeze(2)  # (b, e, T(t), T(s), n)
         causal = torch.ones(T, T, dtype=torch.bool, device=uf.device).tril()
         decay = torch.where(causal[None, None, :, :, None], diff, diff.new_full((), float("-inf"))).exp()
         hs = torch.einsum("betsn,besn->betn", decay, dBu) + S.exp() * h.unsqueeze(2)  # (b, e, T, n)
-        ys.append(torch.einsum("betn,bnt->bet", hs, Cf[:, :, start:end]))
+        hs_g = hs.reshape(batch, gc, dim // gc, T, dstate)
+        ys.append(torch.einsum("bgctn,bgnt->bgct", hs_g, Cg[..., start:end]).reshape(batch, dim, T))
         h = hs[:, :, -1]
     y = torch.cat(ys, dim=2)
     return _finish(y, uf, D, z, out_dtype)
@@ -117,8 +131,13 @@ def _scan_steps(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     _check_shapes(u, A, B, C)
     out_dtype = u.dtype
     uf, dt, Af, Bf, Cf = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    batch, dim, seqlen = uf.shape
+    dstate = Af.shape[1]
+    Bg, Cg = _grouped(Bf), _grouped(Cf)  # (b, g, n, L)
+    gb, gc = Bg.shape[1], Cg.shape[1]
     dA = torch.exp(dt.unsqueeze(-1) * Af[None, :, None, :])  # (b, e, L, n)
-    dBu = (dt * uf).unsqueeze(-1) * Bf.transpose(1, 2).unsqueeze(1)  # (b, e, L, n)
+    dtu = (dt * uf).view(batch, gb, dim // gb, seqlen, 1)
+    dBu = (dtu * Bg.transpose(-1, -2).unsqueeze(2)).reshape(batch, dim, seqlen, dstate)  # (b, e, L, n)
     h = torch.zeros_like(dA[:, :, 0])
     states = []
     # unbind, not dA[:, :, t]: the backward of one unbind is one stack, while L separate selects would each
@@ -126,8 +145,8 @@ def _scan_steps(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     for dA_t, dBu_t in zip(dA.unbind(2), dBu.unbind(2)):
         h = torch.addcmul(dBu_t, dA_t, h)
         states.append(h)
-    hs = torch.stack(states, dim=2)  # (b, e, L, n)
-    y = torch.einsum("beln,bnl->bel", hs, Cf)
+    hs = torch.stack(states, dim=2).reshape(batch, gc, dim // gc, seqlen, dstate)  # (b, e, L, n) as (b, g, e/g, L, n)
+    y = torch.einsum("bgcln,bgnl->bgcl", hs, Cg).reshape(batch, dim, seqlen)
     return _finish(y, uf, D, z, out_dtype)
 
 
@@ -173,7 +192,8 @@ def selective_scan_ref(
 
     Args:
         u: (B, E, L) input.  delta: (B, E, L) step sizes (before bias/softplus).
-        A: (E, N) real state matrix (negative).  B, C: (B, N, L) input/output projections.
+        A: (E, N) real state matrix (negative).  B, C: (B, N, L) input/output projections shared by all
+            channels, or grouped (B, G, N, L) with G dividing E: channel e uses group e // (E / G) (mamba-ssm).
         D: (E,) skip.  z: (B, E, L) gate, output multiplied by SiLU(z).  delta_bias: (E,) fp32.
 
     Returns:
@@ -187,11 +207,15 @@ def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     _check_shapes(u, A, B, C)
     out_dtype = u.dtype
     uf, dt, Af, Bf, Cf = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    h = uf.new_zeros(uf.shape[0], uf.shape[1], Af.shape[1])
+    batch, dim, seqlen = uf.shape
+    # per-channel B, C: (b, e, n, L), channel e reading group e // (E / G)
+    Be = _grouped(Bf).repeat_interleave(dim // _grouped(Bf).shape[1], dim=1)
+    Ce = _grouped(Cf).repeat_interleave(dim // _grouped(Cf).shape[1], dim=1)
+    h = uf.new_zeros(batch, dim, Af.shape[1])
     ys = []
-    for t in range(uf.shape[2]):
-        h = torch.exp(dt[:, :, t, None] * Af) * h + (dt[:, :, t] * uf[:, :, t])[..., None] * Bf[:, None, :, t]
-        ys.append((h * Cf[:, None, :, t]).sum(-1))
+    for t in range(seqlen):
+        h = torch.exp(dt[:, :, t, None] * Af) * h + (dt[:, :, t] * uf[:, :, t])[..., None] * Be[..., t]
+        ys.append((h * Ce[..., t]).sum(-1))
     return _finish(torch.stack(ys, dim=2), uf, D, z, out_dtype)
 
 

@@ -1,0 +1,107 @@
+"""Stochastic layer-wise shuffle: official probabilities, exact order restoration, eval invariance."""
+import pytest
+import torch
+from torch import nn
+
+from visionmamba import create_model
+from visionmamba.layers import LayerwiseShuffle, shuffle_probabilities
+
+
+class TokenwiseLayer(nn.Module):
+    """Permutation-equivariant stand-in for a block: acts on every token independently, records its input."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.seen = None
+
+    def forward(self, hidden, residual):
+        self.seen = hidden.detach().clone()
+        residual = hidden if residual is None else residual + hidden
+        return torch.tanh(self.proj(residual)), residual
+
+
+def _run_stack(shuffle, layers, x):
+    hidden, residual = x, None
+    for i, layer in enumerate(layers):
+        hidden, residual = shuffle(i, layer, hidden, residual)
+    return hidden, residual
+
+
+def test_official_probabilities():
+    p = shuffle_probabilities(0.5, 24)
+    assert p[0] == 0.0 and p[-1] == pytest.approx(0.5)
+    assert p[1] == pytest.approx(0.5 / 23) and p[12] == pytest.approx(0.5 * 12 / 23)
+    assert shuffle_probabilities(0.3, 4, "constant") == [0.0, 0.3, 0.3, 0.3]
+    with pytest.raises(ValueError):
+        shuffle_probabilities(0.1, 4, "cosine")
+    with pytest.raises(ValueError):
+        shuffle_probabilities(1.5, 4)
+
+
+def test_forced_shuffle_with_equivariant_layers_restores_order():
+    torch.manual_seed(0)
+    layers = nn.ModuleList(TokenwiseLayer(8) for _ in range(4))
+    x = torch.randn(3, 11, 8)
+    plain = LayerwiseShuffle(4, 0.0).train()
+    forced = LayerwiseShuffle(4, 1.0, "constant").train()  # layers 1..3 always shuffle
+    h1, r1 = _run_stack(forced, layers, x)
+    seen_shuffled = layers[3].seen  # what layer 3 received inside the shuffled run
+    h0, r0 = _run_stack(plain, layers, x)
+    seen_plain = layers[3].seen
+    torch.testing.assert_close(h1, h0)
+    torch.testing.assert_close(r1, r0)
+    assert forced.fired == [0, 1, 1, 1]
+    # layer 3 really saw a permuted sequence, with one permutation shared by the whole batch
+    assert not torch.equal(seen_shuffled, seen_plain)
+    perm = [torch.nonzero((seen_plain[0] == row).all(-1)).item() for row in seen_shuffled[0]]
+    assert sorted(perm) == list(range(11))
+    torch.testing.assert_close(seen_shuffled, seen_plain[:, perm])
+
+
+def test_firing_frequency_matches_probabilities():
+    torch.manual_seed(1234)
+    depth, trials = 6, 4000
+    shuffle = LayerwiseShuffle(depth, 0.6).train()
+    identity = lambda h, r: (h, h if r is None else r)  # noqa: E731
+    x = torch.zeros(1, 4, 2)
+    for _ in range(trials):
+        _run_stack(shuffle, [identity] * depth, x)
+    for p, fired in zip(shuffle.probs, shuffle.fired):
+        sigma = (trials * p * (1 - p)) ** 0.5
+        assert abs(fired - trials * p) <= 4 * sigma + 1, (p, fired)
+    assert shuffle.fired[0] == 0
+
+
+@pytest.mark.parametrize("name", ["shufflemamba_test", "shufflemamba_reg_test"])
+def test_eval_is_deterministic_and_identical_with_shuffle_on_or_off(name):
+    torch.manual_seed(0)
+    on = create_model(name, shuffle_rate=1.0, num_classes=4)
+    off = create_model(name, shuffle_rate=0.0, num_classes=4)
+    off.load_state_dict(on.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    on.eval(), off.eval()
+    with torch.no_grad():
+        a, b, c = on(x), on(x), off(x)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert sum(on.shuffle.fired) == 0
+
+
+def test_rate_zero_in_training_equals_no_shuffle_and_forced_shuffle_changes_the_scan():
+    torch.manual_seed(0)
+    model = create_model("shufflemamba_test", shuffle_rate=0.0, num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()
+        reference = model(x)
+        model.train()  # no drop path/dropout in this model: training == eval unless the shuffle fires
+        torch.testing.assert_close(model(x), reference)
+        model.shuffle.set_rate(1.0, "constant")
+        shuffled = model(x)
+    assert sum(model.shuffle.fired) == model.depth - 1
+    assert not torch.allclose(shuffled, reference), "the SSM scan must see the permuted order"
+
+
+def test_shuffle_module_has_no_state():
+    model = create_model("shufflemamba_test")
+    assert not any(k.startswith("shuffle") for k in model.state_dict())

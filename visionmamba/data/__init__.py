@@ -1,0 +1,31 @@
+"""Data pipeline: datasets, transforms, samplers, loaders and Mixup/CutMix (plain functions, no Hydra)."""
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .datasets import DATASET_NAMES, SafeImageFolder, SyntheticDataset, build_dataset, check_imagefolder
+from .digits import prepare_digits
+from .errors import CorruptImageError, CorruptImageWarning, DatasetError
+from .loader import build_loader, set_sampler_epoch
+from .mixup import build_mixup
+from .samplers import DistributedEvalSampler, RASampler
+from .transforms import build_transform
+
+__all__ = [
+    "DATASET_NAMES",
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "CorruptImageError",
+    "CorruptImageWarning",
+    "DatasetError",
+    "DistributedEvalSampler",
+    "RASampler",
+    "SafeImageFolder",
+    "SyntheticDataset",
+    "build_dataset",
+    "build_loader",
+    "build_mixup",
+    "build_transform",
+    "check_imagefolder",
+    "prepare_digits",
+    "set_sampler_epoch",
+]

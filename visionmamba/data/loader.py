@@ -1,0 +1,112 @@
+"""DataLoader factory: sampler choice, drop_last, worker seeding."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+
+from .samplers import DistributedEvalSampler, RASampler
+
+_logger = logging.getLogger(__name__)
+
+# Offsets the augmentation seed of each rank; large and odd so that (seed, rank) pairs never collide in practice.
+_RANK_SEED_STRIDE = 1_000_003
+
+
+def build_loader(
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        is_training: bool,
+        num_workers: int = 8,
+        distributed: bool = False,
+        repeated_aug: int = 0,
+        seed: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        drop_last: bool | None = None,
+) -> DataLoader:
+    """Builds the DataLoader of one split.
+
+    Samplers:
+        * distributed + training: :class:`RASampler` (``num_repeats=repeated_aug``) when ``repeated_aug > 1``,
+          else ``DistributedSampler(shuffle=True, seed=seed)``.
+        * distributed + eval: :class:`DistributedEvalSampler`, which splits the dataset over ranks without padding
+          or duplicates. Ranks may then get different numbers of batches; sum per-rank totals with
+          ``all_reduce(SUM)`` after the loop, evaluating the unwrapped model (see the sampler's docstring).
+        * single process: ``RandomSampler`` seeded by ``seed`` for training, ``SequentialSampler`` for eval.
+          ``repeated_aug`` only applies with ``distributed``, as in the official code.
+
+    Call :func:`set_sampler_epoch` before every training epoch, so distributed samplers reshuffle.
+
+    Seeding: pass the same ``seed`` on every rank; the samplers need it to agree on the permutation. Augmentation
+    randomness is seeded separately: the loader's generator is seeded from ``seed`` and the rank, and PyTorch seeds
+    ``torch``, ``random`` and ``numpy`` in worker ``w`` with ``base_seed + w``, where ``base_seed`` is drawn from
+    that generator for each epoch's iterator. Runs are thus repeatable yet differ per rank, worker and epoch.
+
+    Args:
+        dataset: A map-style dataset.
+        batch_size: Samples per batch on this rank.
+        is_training: Training (shuffling, ``drop_last`` default True) or evaluation loader.
+        num_workers: Worker processes; 0 loads in the main process.
+        distributed: Split the data over the ranks of the initialized process group.
+        repeated_aug: Repeated-augmentation count; values > 1 select :class:`RASampler` when distributed training.
+        seed: Seed of sampler order and augmentation (same value on every rank).
+        pin_memory: Pin host memory (only honoured when CUDA is available).
+        persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
+        prefetch_factor: Batches prefetched per worker (only with ``num_workers > 0``).
+        drop_last: Drop the last incomplete batch; None means ``is_training``.
+
+    Returns:
+        The DataLoader; ``loader.sampler`` is the sampler chosen above.
+
+    Raises:
+        RuntimeError: ``distributed=True`` but ``torch.distributed`` is not initialized.
+    """
+    if drop_last is None:
+        drop_last = is_training
+    rank = 0
+    if distributed:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("build_loader(distributed=True) needs an initialized torch.distributed process group.")
+        rank = dist.get_rank()
+
+    sampler: Sampler[int]
+    if distributed and is_training and repeated_aug > 1:
+        sampler = RASampler(dataset, num_repeats=repeated_aug, seed=seed)
+    elif distributed and is_training:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
+    elif distributed:
+        sampler = DistributedEvalSampler(dataset)
+    elif is_training:
+        if repeated_aug > 1:
+            _logger.info("repeated_aug=%d is ignored without distributed training (as in the official code).",
+                         repeated_aug)
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+
+    worker_kwargs = {}
+    if num_workers > 0:
+        worker_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor}
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed + _RANK_SEED_STRIDE * (rank + 1)),
+        **worker_kwargs,
+    )
+
+
+def set_sampler_epoch(loader: DataLoader, epoch: int) -> None:
+    """Calls ``loader.sampler.set_epoch(epoch)`` when the sampler has it (distributed samplers)."""
+    set_epoch = getattr(loader.sampler, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)

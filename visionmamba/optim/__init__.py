@@ -1,0 +1,16 @@
+"""Optimization: weight-decay groups, LR scaling, optimizer and scheduler factories (plain functions, no Hydra)."""
+
+from .optimizer import OPTIMIZER_NAMES, build_optimizer, scale_lr
+from .param_groups import DECAY_MODES, param_groups
+from .scheduler import INTERVALS, LRScheduler, build_scheduler
+
+__all__ = [
+    "DECAY_MODES",
+    "INTERVALS",
+    "OPTIMIZER_NAMES",
+    "LRScheduler",
+    "build_optimizer",
+    "build_scheduler",
+    "param_groups",
+    "scale_lr",
+]

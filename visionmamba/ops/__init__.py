@@ -124,7 +124,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    backend: Optional[str] = None) -> Tensor:
     """Selective scan (mamba-ssm ``selective_scan_fn`` semantics). u, delta, z: (B, E, L); A: (E, N);
-    B, C: (B, N, L); D, delta_bias: (E,). Returns (B, E, L)."""
+    B, C: (B, N, L), or grouped (B, G, N, L) where channel e uses group e // (E / G) (several independent scans in
+    one call, e.g. VMamba's 4 directions stacked along E); D, delta_bias: (E,). Returns (B, E, L)."""
     if resolve_backend(backend, u.device) == "cuda":
         from . import cuda
 

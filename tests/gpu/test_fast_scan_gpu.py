@@ -1,0 +1,291 @@
+"""`fast` bidirectional scan (Triton) on the GPU vs the exact reference: output and all 15 gradients, fp32 and bf16,
+L in {65, 197, 730}, contiguous and strided (B, L, 2E)-split inputs; and the custom op under torch.compile.
+
+Needs CUDA and triton only (not mamba-ssm): this module overrides the suite's autouse `_require_cuda` fixture.
+
+``python tests/gpu/test_fast_scan_gpu.py --bench [--out DIR]`` times the kernels against mamba-ssm's
+`selective_scan_fn` called twice (forward and flipped backward direction), at B 128, L 197, E 384 / 768, bf16.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from visionmamba.ops import fast  # noqa: E402
+
+DEV = "cuda"
+SEQLENS = (65, 197, 730)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _require_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference uses matmuls (einsum)
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+
+
+def make_inputs(b, L, E, N=16, dtype=torch.float32, seed=0, strided=False, device=None):
+    """`bimamba_scan` inputs; with strided, x/dt are channel views of one (B, L, 2E) tensor, z the second half of
+    another, and B/C views of a (B, L, R + 2N) projection (what the mixer's linear layers produce)."""
+    device = device or DEV
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    seq = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731  (cast whole bases, then take views)
+    par = lambda t: t.to(device)  # noqa: E731  fp32 parameters
+    ins = []
+    for _ in range(2):
+        if strided:
+            xdt = seq(torch.cat([r(b, L, E), r(b, L, E) * 0.5 - 1.0], -1))
+            x, dt = xdt[..., :E], xdt[..., E:]
+            dbl = seq(r(b, L, 12 + 2 * N))
+            Bm, Cm = dbl[..., 12:12 + N], dbl[..., 12 + N:]
+        else:
+            x, dt, Bm, Cm = seq(r(b, L, E)), seq(r(b, L, E) * 0.5 - 1.0), seq(r(b, L, N)), seq(r(b, L, N))
+        A = -torch.exp(r(E, N) * 0.5 + 0.5)  # spread like trained S4D-real A = -exp(A_log)
+        ins += [x, dt, par(A), Bm, Cm, par(r(E)), par(r(E) * 0.5)]
+    ins.append(seq(r(b, L, 2 * E))[..., E:] if strided else seq(r(b, L, E)))
+    return ins
+
+
+def run_fast(ins, g):
+    leaves = [t.detach().requires_grad_(True) for t in ins]  # detach keeps the strides
+    y = fast.bimamba_scan(*leaves)
+    grads = torch.autograd.grad(y, leaves, g)
+    return y, grads
+
+
+def run_reference(ins, g):
+    leaves = [t.detach().float().requires_grad_(True) for t in ins]
+    y = fast.bimamba_scan_reference(*leaves)
+    grads = torch.autograd.grad(y, leaves, g.float())
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("seqlen", SEQLENS)
+def test_fast_scan_matches_reference(seqlen, dtype, check):
+    ins = make_inputs(2, seqlen, 96, dtype=dtype, seed=seqlen)
+    g = torch.randn(2, seqlen, 96, device=DEV).to(dtype)
+    y, grads = run_fast(ins, g)
+    y_ref, grads_ref = run_reference(ins, g)
+    assert y.dtype == dtype
+    # fp32 state in both; fp32 inputs: ~1e-6 expected, the tolerances are mamba-ssm's test tolerances
+    check(y, y_ref, "y", dtype, seqlen)
+    for name, a, r in zip(fast._INPUT_NAMES, grads, grads_ref):
+        assert a.dtype == ins[fast._INPUT_NAMES.index(name)].dtype
+        check(a, r, "d" + name, dtype, seqlen)
+
+
+def test_fast_scan_strided_inputs_and_partial_channel_block(check):
+    """Channel views of wider tensors (no copies) and E not a multiple of the channel block."""
+    ins = make_inputs(3, 197, 200, dtype=torch.float32, seed=7, strided=True)
+    assert not ins[0].is_contiguous() and not ins[3].is_contiguous()
+    g = torch.randn(3, 197, 200, device=DEV)
+    y, grads = run_fast(ins, g)
+    y_ref, grads_ref = run_reference(ins, g)
+    check(y, y_ref, "y", torch.float32, 197)
+    for name, a, r in zip(fast._INPUT_NAMES, grads, grads_ref):
+        check(a, r, "d" + name, torch.float32, 197)
+
+
+def test_fast_scan_equals_official_flipped_backward_branch(check):
+    """scan_rev on the unflipped axis == flip(scan(flip(.))) of the official backward branch (mamba-ssm semantics)."""
+    from visionmamba.ops.ref import selective_scan_ref
+
+    ins = make_inputs(2, 65, 64, dtype=torch.float32, seed=3)
+    x_f, dt_f, A_f, B_f, C_f, D_f, bf, x_b, dt_b, A_b, B_b, C_b, D_b, bb, z = ins
+    tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
+    fl = lambda t: t.flip(1)  # noqa: E731
+    y_f = selective_scan_ref(tr(x_f), tr(dt_f), A_f, tr(B_f), tr(C_f), D_f, tr(z), bf, True)
+    y_b = selective_scan_ref(tr(fl(x_b)), tr(fl(dt_b)), A_b, tr(fl(B_b)), tr(fl(C_b)), D_b, tr(fl(z)), bb, True)
+    official = ((y_f + y_b.flip(-1)) / 2).transpose(1, 2)
+    check(fast.bimamba_scan(*ins), official, "y_vs_official", torch.float32, 65)
+
+
+def test_fast_scan_torch_compile_fullgraph(check):
+    ins = make_inputs(2, 65, 64, dtype=torch.bfloat16, seed=11)
+    lin = torch.nn.Linear(64, 64, device=DEV, dtype=torch.bfloat16)
+
+    def f(*a):
+        return lin(fast.bimamba_scan(*a)).float().square().mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [t.detach().requires_grad_(True) for t in ins]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    leaves2 = [t.detach().requires_grad_(True) for t in ins]
+    out2 = f(*leaves2)
+    grads2 = torch.autograd.grad(out2, leaves2)
+    check(out, out2, "loss_compiled_vs_eager", torch.bfloat16, 65)
+    for name, a, r in zip(fast._INPUT_NAMES, grads, grads2):
+        check(a, r, "d" + name + "_compiled", torch.bfloat16, 65)
+
+
+def test_fast_scan_poisoned_outputs_fully_written():
+    """Every output element is written (NaN/inf-poisoned output buffers) and a rerun gives the same output."""
+    ins = make_inputs(2, 197, 160, dtype=torch.bfloat16, seed=5)
+    y1 = fast.fwd_triton(*ins, out=torch.full((2, 197, 160), float("nan"), device=DEV, dtype=torch.bfloat16))
+    y2 = fast.fwd_triton(*ins, out=torch.full((2, 197, 160), float("inf"), device=DEV, dtype=torch.bfloat16))
+    assert torch.isfinite(y1.float()).all()
+    assert torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    grads = fast.bwd_triton(g, *ins)
+    assert all(torch.isfinite(t.float()).all() for t in grads)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# micro-benchmark
+# ------------------------------------------------------------------------------------------------------------
+
+def _bench(fn, reps=30):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
+
+
+def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)), dtype=torch.bfloat16):
+    from visionmamba.ops import cuda as vcuda
+
+    lines = []
+    have_mamba = True
+    try:
+        vcuda.load_kernels()
+    except ImportError as exc:
+        have_mamba = False
+        lines.append(f"mamba-ssm unavailable: {exc}")
+    dev_name = torch.cuda.get_device_name(0)
+    import triton
+
+    lines.append(f"device {dev_name}; torch {torch.__version__}; triton {triton.__version__}; dtype {dtype}")
+    results = []
+    default = {k: [dict(c) for c in v] for k, v in fast.CONFIG.items()}
+    for (b, L, E) in shapes:
+        ins = make_inputs(b, L, E, dtype=dtype, seed=1)
+        g = torch.randn(b, L, E, device=DEV).to(dtype)
+        row = dict(B=b, L=L, E=E)
+        # ---- mamba-ssm: two selective_scan_fn calls (z-gated), the stock layout work around them
+        if have_mamba:
+            x_f, dt_f, A_f, B_f, C_f, D_f, bf, x_b, dt_b, A_b, B_b, C_b, D_b, bb, z = ins
+            tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
+            pre = [tr(x_f), tr(dt_f), tr(B_f), tr(C_f), tr(x_b.flip(1)), tr(dt_b.flip(1)), tr(B_b.flip(1)),
+                   tr(C_b.flip(1)), tr(z), tr(z.flip(1))]
+
+            def mamba_kernels(p=pre):
+                y1 = vcuda.selective_scan(p[0], p[1], A_f, p[2], p[3], D_f, p[8], bf, True)
+                y2 = vcuda.selective_scan(p[4], p[5], A_b, p[6], p[7], D_b, p[9], bb, True)
+                return y1, y2
+
+            def mamba_with_layout():
+                p = [tr(x_f), tr(dt_f), tr(B_f), tr(C_f), tr(x_b.flip(1)), tr(dt_b.flip(1)), tr(B_b.flip(1)),
+                     tr(C_b.flip(1)), tr(z), tr(z.flip(1))]
+                y1, y2 = mamba_kernels(p)
+                return ((y1 + y2.flip(-1)) * 0.5).transpose(1, 2).contiguous()
+
+            with torch.no_grad():
+                row["mamba_fwd_kernels_ms"] = _bench(lambda: mamba_kernels())
+                row["mamba_fwd_layout_ms"] = _bench(lambda: mamba_with_layout())
+            leaves_m = [t.detach().requires_grad_(True) for t in pre]
+            gT = tr(g)
+
+            def mamba_fb():
+                y1, y2 = mamba_kernels(leaves_m)
+                torch.autograd.grad((y1, y2), leaves_m, (gT, gT.flip(-1)))
+
+            row["mamba_fwdbwd_kernels_ms"] = _bench(mamba_fb)
+            leaves_l = [t.detach().requires_grad_(True) for t in ins]
+
+            def mamba_fb_layout():
+                x_f, dt_f, A_f, B_f, C_f, D_f, bf, x_b, dt_b, A_b, B_b, C_b, D_b, bb, z = leaves_l
+                p = [tr(x_f), tr(dt_f), tr(B_f), tr(C_f), tr(x_b.flip(1)), tr(dt_b.flip(1)), tr(B_b.flip(1)),
+                     tr(C_b.flip(1)), tr(z), tr(z.flip(1))]
+                y1 = vcuda.selective_scan(p[0], p[1], A_f, p[2], p[3], D_f, p[8], bf, True)
+                y2 = vcuda.selective_scan(p[4], p[5], A_b, p[6], p[7], D_b, p[9], bb, True)
+                y = ((y1 + y2.flip(-1)) * 0.5).transpose(1, 2)
+                torch.autograd.grad(y, leaves_l, g)
+
+            row["mamba_fwdbwd_layout_ms"] = _bench(mamba_fb_layout)
+        # ---- fast: default config through the op, then a config sweep on the raw launches
+        leaves = [t.detach().requires_grad_(True) for t in ins]
+        with torch.no_grad():
+            row["fast_fwd_ms"] = _bench(lambda: fast.bimamba_scan(*ins))
+
+        def fast_fb():
+            torch.autograd.grad(fast.bimamba_scan(*leaves), leaves, g)
+
+        row["fast_fwdbwd_ms"] = _bench(fast_fb)
+        row["fast_bwd_launch_ms"] = _bench(lambda: fast.bwd_triton(g, *ins))
+        sweep = {}
+        y_def = fast.fwd_triton(*ins).float()
+        g_def = [t.float() for t in fast.bwd_triton(g, *ins)]
+
+        def rel(a, r):
+            return ((a.float() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+
+        for kind, cfg in (configs or []):
+            fast.CONFIG[kind] = [dict(cfg, max_e=1 << 30)]
+            try:
+                fn = (lambda: fast.fwd_triton(*ins)) if kind == "fwd" else (lambda: fast.bwd_triton(g, *ins))
+                t = _bench(fn)
+                # every swept config is checked against the default one (itself checked by the tests)
+                err = (rel(fast.fwd_triton(*ins), y_def) if kind == "fwd"
+                       else max(rel(a, r) for a, r in zip(fast.bwd_triton(g, *ins), g_def)))
+                t = f"{t:.3f} ms (max rel diff to default {err:.1e})"
+            except Exception as exc:  # a config that does not compile (registers, shared memory)
+                t = f"{type(exc).__name__}: {str(exc)[:80]}"
+            extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd"
+                     else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
+            sweep[f"{kind} T={cfg['T']} BE={cfg['BLOCK_E']} nw={cfg['num_warps']} ns={cfg.get('num_stages', 1)} {extra}"] = t
+            fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
+        row["sweep"] = sweep
+        results.append(row)
+        torch.cuda.empty_cache()
+    # table
+    lines.append(f"{'B':>4s} {'L':>4s} {'E':>4s} | {'fast fwd':>9s} {'mamba fwd':>9s} {'(+layout)':>9s} {'ratio':>6s} | "
+                 f"{'fast f+b':>9s} {'mamba f+b':>9s} {'(+layout)':>9s} {'ratio':>6s}")
+    for r in results:
+        mf, mfl = r.get("mamba_fwd_kernels_ms", math.nan), r.get("mamba_fwd_layout_ms", math.nan)
+        mb, mbl = r.get("mamba_fwdbwd_kernels_ms", math.nan), r.get("mamba_fwdbwd_layout_ms", math.nan)
+        lines.append(f"{r['B']:4d} {r['L']:4d} {r['E']:4d} | {r['fast_fwd_ms']:9.3f} {mf:9.3f} {mfl:9.3f} "
+                     f"{mfl / r['fast_fwd_ms']:6.2f} | {r['fast_fwdbwd_ms']:9.3f} {mb:9.3f} {mbl:9.3f} "
+                     f"{mbl / r['fast_fwdbwd_ms']:6.2f}")
+    lines.append("ratio = mamba-ssm (two selective_scan_fn calls + the transposes/flips of the stock layout) / fast; "
+                 "times in ms, median of triton.testing.do_bench (L2 flushed)")
+    for r in results:
+        for k, v in r["sweep"].items():
+            lines.append(f"  E={r['E']} {k}: {v}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out_dir:
+        Path(out_dir, "fast_scan_bench.json").write_text(json.dumps(dict(device=dev_name, results=results), indent=1))
+        Path(out_dir, "fast_scan_bench.txt").write_text(text + "\n")
+    return results
+
+
+if __name__ == "__main__" and "--bench" in sys.argv:
+    out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    sweep_cfgs = []
+    if "--sweep" in sys.argv:
+        for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):  # kind,T,BLOCK_E,warps,stages,extra
+            kind, T, BE, nw, ns, extra = spec.split(",")
+            cfg = dict(T=int(T), BLOCK_E=int(BE), num_warps=int(nw), num_stages=int(ns))
+            if kind == "fwd":
+                cfg.update(prefetch=bool(int(extra)))
+            else:  # seg[:atomic]
+                seg, _, atomic = extra.partition(":")
+                cfg.update(seg=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))
+            sweep_cfgs.append((kind, cfg))
+    bench(out, sweep_cfgs)

@@ -1,0 +1,239 @@
+"""The `fast` bidirectional scan's Triton kernels, run on the CPU by Triton's interpreter, against the reference.
+
+The kernels run in a subprocess with ``TRITON_INTERPRET=1`` set before triton is imported (another test in this
+process may already have imported triton in compiled mode). In that subprocess Triton's interpreter gets a vectorised
+`associative_scan` (the stock one calls the combine function once per element in Python, minutes for these shapes);
+the replacement is checked against the stock implementation first. Outputs and all 15 gradients must match
+`bimamba_scan_reference` (fp64 on the same inputs) to ~1e-4.
+
+In this process (no interpreter) the custom op runs its PyTorch reference path on the CPU, which is enough to check
+the op registration: schema, fake kernel, autograd, and a `torch.compile(fullgraph=True)` without graph breaks.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_adj_combine = None  # set to the kernel's combine function inside the interpreter worker (a @triton.jit global)
+
+# (batch, L, E, N, T, BLOCK_E, noncontiguous, dtype, backward chunks per checkpoint segment, forward prefetch):
+# odd lengths, a partial last chunk, a single partial chunk, E not a multiple of BLOCK_E, strided (B, L, 2E)-split
+# inputs, several checkpoint segments with a partial last one.
+CASES = [
+    (2, 7, 24, 16, 8, 16, False, "float32", 16, False),
+    (2, 65, 32, 16, 8, 16, True, "float32", 2, True),
+]
+
+
+def make_inputs(b, L, E, N, dtype=torch.float32, seed=0, noncontiguous=False, device="cpu"):
+    """Random inputs in `bimamba_scan` order (A < 0, moderate Δ). With noncontiguous, x/z and dt are channel views
+    of (B, L, 2E) tensors and B/C views of a (B, L, R + 2N) projection, as the mixer produces them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    out = []
+    for _ in range(2):
+        if noncontiguous:
+            xz = r(b, L, 2 * E)
+            x, dt = xz[..., :E], xz[..., E:] * 0.5
+            dbl = r(b, L, 3 + 2 * N)
+            Bm, Cm = dbl[..., 3:3 + N], dbl[..., 3 + N:]
+        else:
+            x, dt, Bm, Cm = r(b, L, E), r(b, L, E) * 0.5, r(b, L, N), r(b, L, N)
+        A = -torch.exp(r(E, N) * 0.5 + 0.3)
+        out += [x, dt, A, Bm, Cm, r(E), r(E) * 0.3]
+    out.append(r(b, L, E))
+    res = []
+    for i, t in enumerate(out):
+        is_param = i % 7 in (2, 5, 6) and i != 14
+        t = t.to(device)
+        res.append(t if is_param else t.to(dtype))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------------
+# subprocess worker
+# ------------------------------------------------------------------------------------------------------------
+
+def _install_fast_interpreter_scan():
+    """Vectorise the interpreter's generic associative_scan along the scanned axis (same combine order)."""
+    import numpy as np
+    from triton.runtime import interpreter as itp
+
+    scan_cls = getattr(itp, "ScanOps", None)
+    if scan_cls is None or not hasattr(scan_cls, "generic_scan"):
+        return None
+    original = scan_cls.generic_scan
+
+    def generic_scan(self, input):
+        datas = [arg.handle.data for arg in input]
+        axis = self.axis
+        sl = lambda i: (slice(None),) * axis + (i,)  # noqa: E731
+        outs = [np.empty_like(d) for d in datas]
+        acc = None
+        for i in range(datas[0].shape[axis]):
+            cur = tuple(self.to_tensor(np.ascontiguousarray(d[sl(i)]), input[j].dtype) for j, d in enumerate(datas))
+            if acc is None:
+                acc = cur
+            else:
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = tuple(ret) if isinstance(ret, tuple) else (ret,)
+            for j, o in enumerate(outs):
+                o[sl(i)] = acc[j].handle.data
+        return [self.to_tensor(o, input[j].dtype) for j, o in enumerate(outs)]
+
+    scan_cls.generic_scan = generic_scan
+    return original
+
+
+def _check_patched_scan(original):
+    """The vectorised scan equals the stock one on a non-commutative 3-tensor scan, both directions."""
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter as itp
+
+    from visionmamba.ops import _fast_kernels
+
+    globals()["_adj_combine"] = _fast_kernels._adj_combine  # @triton.jit resolves names in the module's globals
+
+    @triton.jit
+    def k(a_ptr, p_ptr, s_ptr, o_ptr, M: tl.constexpr, K: tl.constexpr, REV: tl.constexpr):
+        off = tl.arange(0, M)[:, None] * K + tl.arange(0, K)[None, :]
+        f, p, s = tl.associative_scan((tl.load(a_ptr + off), tl.load(p_ptr + off), tl.load(s_ptr + off)), 0,
+                                      _adj_combine, reverse=REV)
+        tl.store(o_ptr + off, s + 10 * p + 100 * f)
+
+    g = torch.Generator().manual_seed(1)
+    a, p, s = (torch.rand(8, 4, generator=g) for _ in range(3))
+    for rev in (False, True):
+        outs = []
+        for impl in (original, itp.ScanOps.generic_scan):
+            saved, itp.ScanOps.generic_scan = itp.ScanOps.generic_scan, impl
+            o = torch.empty(8, 4)
+            k[(1,)](a, p, s, o, M=8, K=4, REV=rev)
+            itp.ScanOps.generic_scan = saved
+            outs.append(o)
+        assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6), (rev, outs)
+
+
+def _worker(case_json: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    sys.path.insert(0, str(ROOT))
+    b, L, E, N, T, BE, nonc, dtype, seg, prefetch = json.loads(case_json)
+    original = _install_fast_interpreter_scan()
+    if original is not None:
+        _check_patched_scan(original)
+    from visionmamba.ops import fast
+
+    fast.CONFIG["fwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, prefetch=prefetch)]
+    fast.CONFIG["bwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, seg=seg)]
+    assert fast.uses_triton("cpu")
+    ins = make_inputs(b, L, E, N, dtype=getattr(torch, dtype), noncontiguous=nonc)
+    g = torch.randn(b, L, E, generator=torch.Generator().manual_seed(5)).to(ins[0].dtype)
+    # through the custom op and autograd (so the registered backward is what runs)
+    leaves = [t.detach().clone().requires_grad_(True) for t in ins]
+    y = fast.bimamba_scan(*leaves)
+    y.backward(g)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in ins]
+    y_ref = fast.bimamba_scan_reference(*ref_leaves)
+    y_ref.backward(g.double())
+    report = {}
+
+    def err(a, r):
+        a, r = a.detach().double(), r.detach().double()
+        scale = max(r.abs().max().item(), 1e-30)
+        return dict(max_abs=(a - r).abs().max().item(), scale=scale, rel=(a - r).abs().max().item() / scale,
+                    finite=bool(torch.isfinite(a).all()))
+
+    report["y"] = err(y, y_ref)
+    for name, leaf, ref in zip(fast._INPUT_NAMES, leaves, ref_leaves):
+        report["d" + name] = err(leaf.grad, ref.grad)
+    print("RESULT " + json.dumps(report))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-L{c[1]}-E{c[2]}-N{c[3]}-T{c[4]}-BE{c[5]}"
+                         + ("-strided" if c[6] else "") + f"-{c[7]}-seg{c[8]}" + ("-prefetch" if c[9] else ""))
+def test_fast_scan_interpreter_matches_reference(case):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    report = json.loads(line[len("RESULT "):])
+    print(json.dumps(report, indent=1))
+    assert len(report) == 16
+    bad = {k: v for k, v in report.items() if not v["finite"] or v["max_abs"] > 1e-4 * max(1.0, v["scale"])}
+    assert not bad, bad
+
+
+def test_fast_module_needs_no_triton():
+    """visionmamba.ops.fast imports (and its op runs, on the CPU reference path) with triton made unimportable.
+    (Other libraries such as timm may import triton themselves; this checks that our module does not need it.)"""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, visionmamba, visionmamba.ops.fast as fast\n"
+            "sys.path.insert(0, 'tests'); from test_fast_scan_interpret import make_inputs\n"
+            "y = fast.bimamba_scan(*make_inputs(1, 3, 4, 4)); assert y.shape == (1, 3, 4); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
+                          env=dict(env, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_fast_op_registration_cpu_reference_path():
+    """Schema, fake kernel and autograd registration (opcheck), on the CPU reference path of the op."""
+    from visionmamba.ops import fast
+
+    if fast.uses_triton("cpu"):
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    ins = make_inputs(2, 9, 8, 4, dtype=torch.float64)
+    ins = [t.double().requires_grad_(True) for t in ins]
+    torch.library.opcheck(torch.ops.visionmamba.bimamba_scan.default, tuple(ins))
+    # gradient of the op == gradient of the reference
+    g = torch.randn(2, 9, 8, dtype=torch.float64)
+    y = fast.bimamba_scan(*ins)
+    grads = torch.autograd.grad(y, ins, g)
+    y2 = fast.bimamba_scan_reference(*ins)
+    grads2 = torch.autograd.grad(y2, ins, g)
+    torch.testing.assert_close(y, y2)
+    for a, r in zip(grads, grads2):
+        torch.testing.assert_close(a, r)
+
+
+def test_fast_op_compiles_without_graph_break():
+    from visionmamba.ops import fast
+
+    if fast.uses_triton("cpu"):
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    ins = make_inputs(1, 5, 4, 4)
+    lin = torch.nn.Linear(4, 4)
+
+    def f(*args):
+        y = fast.bimamba_scan(*args)
+        return lin(y).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_(True) for t in ins]
+    out = compiled(*leaves)
+    out.backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in ins]
+    f(*ref_leaves).backward()
+    for a, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2])

@@ -1,0 +1,284 @@
+"""`fast` backend: both directions of the bidirectional (Vim "v2") selective scan in one Triton launch.
+
+    y = bimamba_scan(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
+
+x_*, dt_*, z: (B, L, E) in any float dtype (fp32, bf16, fp16), unit stride along E (other strides free, e.g. channel
+views of one (B, L, 2E) projection); B_*, C_*: (B, L, N) with unit stride along N; A_*: (E, N) fp32 (already
+``-exp(A_log)``); D_*, dt_bias_*: (E,) fp32. Returns (B, L, E) in x_f's dtype:
+
+    y = (scan_fwd(x_f, ...) + scan_rev(x_b, ...)) / 2 * SiLU(z)
+
+where scan_fwd runs t = 0..L-1 and scan_rev runs t = L-1..0, each with Δ = softplus(dt + dt_bias),
+h_t = exp(Δ_t A) h_{t∓1} + Δ_t B_t x_t, y_t = <h_t, C_t> + D x_t, the state in fp32. When x_b, dt_b, B_b, C_b are the
+backward branch's tensors on the *unflipped* time axis, scan_rev equals flip(scan(flip(.))) of the official Vim
+backward branch, so the mixer needs no flips and no (B, E, L) transposes around the kernel.
+
+The op is `torch.ops.visionmamba.bimamba_scan` (a `torch.library.custom_op` with autograd and a fake/meta kernel, so
+`torch.compile` keeps it as one node); its backward is `torch.ops.visionmamba.bimamba_scan_bwd`, one more Triton launch
+that recomputes instead of storing intermediates (kernel design: `visionmamba/ops/_fast_kernels.py`).
+
+Where it runs: CUDA tensors -> Triton kernels; CPU tensors with ``TRITON_INTERPRET=1`` -> the same Triton kernels in
+Triton's interpreter (tests); other CPU tensors -> `bimamba_scan_reference` (pure PyTorch). Triton is imported only
+when a kernel is launched, never by ``import visionmamba``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .ref import _scan as _scan_plain  # chunked on GPUs, stepwise on CPUs; plain differentiable torch ops
+from .ref import selective_scan_ref
+
+__all__ = [
+    "CONFIG",
+    "bimamba_scan",
+    "bimamba_scan_reference",
+    "bwd_triton",
+    "fwd_triton",
+    "uses_triton",
+]
+
+# Launch configuration: chunk length T (tokens per associative scan), channels per program, warps per program;
+# forward: prefetch of the next chunk; backward: chunks per checkpoint segment (``seg``; the whole sequence is one
+# segment when L <= seg * T, which skips one recomputation sweep), optional ``atomic`` (default: atomics for dB/dC when
+# there are more than 16 channel blocks, per-block partials otherwise). The first entry whose ``max_e`` >= E applies.
+# Chosen from sweeps on an H200 (bf16, B 128, L 197, E 384 / 768): forward T 8 / BLOCK_E 32 / 2 warps with prefetch
+# (0.21 / 0.40 ms; T 4 / 32 / 1 warp 0.29 / 0.44, T 16 / 32 / 4 warps 0.23 / 0.45, no prefetch 0.34 / 0.67);
+# backward T 4 / BLOCK_E 16 / 1 warp / seg 64 (1.60 / 3.12 ms; T 2 / 16: 1.74 / 3.32, T 8 / 8: 1.84 / 3.80,
+# T 8 / 16 / 2 warps: 2.22 / 4.36; partials instead of atomics: 1.67 / 3.27). Edit this dict to override.
+CONFIG = {
+    "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True)],
+    "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
+}
+
+_INPUT_NAMES = ("x_f", "dt_f", "A_f", "B_f", "C_f", "D_f", "dt_bias_f",
+                "x_b", "dt_b", "A_b", "B_b", "C_b", "D_b", "dt_bias_b", "z")
+
+
+def _config(kind: str, E: int) -> dict:
+    for cfg in CONFIG[kind]:
+        if E <= cfg["max_e"]:
+            return cfg
+    return CONFIG[kind][-1]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def uses_triton(device: torch.device | str) -> bool:
+    """Whether `bimamba_scan` on tensors of this device runs the Triton kernels (else the PyTorch reference)."""
+    return torch.device(device).type == "cuda" or _interpreting()
+
+
+def _check(inputs: Sequence[Tensor]) -> None:
+    x_f, dt_f, A_f, B_f, C_f, D_f, bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z = inputs
+    if x_f.dim() != 3:
+        raise ValueError(f"x_f must be (batch, L, E), got {tuple(x_f.shape)}")
+    b, L, E = x_f.shape
+    for name, t in (("dt_f", dt_f), ("x_b", x_b), ("dt_b", dt_b), ("z", z)):
+        if tuple(t.shape) != (b, L, E):
+            raise ValueError(f"{name} {tuple(t.shape)} does not match x_f {(b, L, E)}")
+    N = A_f.shape[-1]
+    for name, t, shape in (("A_f", A_f, (E, N)), ("A_b", A_b, (E, N)), ("B_f", B_f, (b, L, N)),
+                           ("C_f", C_f, (b, L, N)), ("B_b", B_b, (b, L, N)), ("C_b", C_b, (b, L, N)),
+                           ("D_f", D_f, (E,)), ("D_b", D_b, (E,)), ("dt_bias_f", bias_f, (E,)),
+                           ("dt_bias_b", bias_b, (E,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if N & (N - 1) or N > 64:
+        raise ValueError(f"the fast scan needs d_state to be a power of two <= 64, got {N}")
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _param(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _prepare(inputs: Sequence[Tensor]):
+    x_f, dt_f, A_f, B_f, C_f, D_f, bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, bias_b, z = inputs
+    seq = [_unit_last(t) for t in (x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z)]
+    par = [_param(t) for t in (A_f, D_f, bias_f, A_b, D_b, bias_b)]
+    return seq, par
+
+
+def _strides(*ts: Tensor) -> list[int]:
+    out: list[int] = []
+    for t in ts:
+        out += [t.stride(0), t.stride(1)]
+    return out
+
+
+def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Forward Triton launch (no autograd). Inputs in `bimamba_scan` order; ``out``: optional contiguous (B, L, E)
+    buffer of x_f's dtype to write into."""
+    from . import _fast_kernels as K
+
+    _check(inputs)
+    (x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z), (A_f, D_f, bias_f, A_b, D_b, bias_b) = _prepare(inputs)
+    b, L, E = x_f.shape
+    N = A_f.shape[1]
+    if out is None:
+        out = torch.empty((b, L, E), dtype=x_f.dtype, device=x_f.device)
+    elif out.shape != (b, L, E) or out.dtype != x_f.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous (B, L, E) tensor of x_f's dtype")
+    if out.numel() == 0:
+        return out
+    cfg = _config("fwd", E)
+    grid = (triton_cdiv(E, cfg["BLOCK_E"]), b)
+    K.bimamba_fwd_kernel[grid](
+        x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E,
+        *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out),
+        T=cfg["T"], BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1),
+        PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"])
+    return out
+
+
+def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
+    """Backward Triton launch: the 15 input gradients, in `bimamba_scan` order, each in its input's dtype."""
+    from . import _fast_kernels as K
+
+    _check(inputs)
+    (x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z), (A_f, D_f, bias_f, A_b, D_b, bias_b) = _prepare(inputs)
+    g = _unit_last(grad)
+    b, L, E = x_f.shape
+    N = A_f.shape[1]
+    dev = x_f.device
+    cfg = _config("bwd", E)
+    T, BE, SEG = cfg["T"], cfg["BLOCK_E"], cfg.get("seg", 16)
+    n_chunks = triton_cdiv(L, T)
+    n_seg = max(triton_cdiv(n_chunks, SEG), 1)
+    n_eb = triton_cdiv(E, BE)
+    dx_f, ddt_f, dx_b, ddt_b = (torch.empty((b, L, E), dtype=t.dtype, device=dev) for t in (x_f, dt_f, x_b, dt_b))
+    dz = torch.empty((b, L, E), dtype=z.dtype, device=dev)
+    # dB / dC reduce over channels: per-channel-block partials summed below (deterministic), or relaxed fp32 atomics
+    # when there are many channel blocks; dA, dD, d dt_bias: per-batch-row partials summed below. Separate buffers:
+    # the op's outputs must not alias one another.
+    atomic = bool(cfg.get("atomic", n_eb > 16))
+    part = (b, L, N) if atomic else (n_eb, b, L, N)
+    dB_f, dC_f, dB_b, dC_b = ((torch.zeros if atomic else torch.empty)(part, dtype=torch.float32, device=dev)
+                              for _ in range(4))
+    dA_f, dA_b = (torch.empty((b, E, N), dtype=torch.float32, device=dev) for _ in range(2))
+    dD_f, dbias_f, dD_b, dbias_b = (torch.empty((b, E), dtype=torch.float32, device=dev) for _ in range(4))
+    ck = torch.empty((b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
+    # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the (B, L, E, N)
+    # state tensor when the whole sequence is one segment (L <= SEG * T)
+    scr = torch.empty((b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
+    if b * L * E > 0:
+        K.bimamba_bwd_kernel[(b, n_eb) if atomic else (n_eb, b)](
+            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g,
+            dx_f, ddt_f, dx_b, ddt_b, dz, dB_f, dC_f, dB_b, dC_b,
+            dA_f, dD_f, dbias_f, dA_b, dD_b, dbias_b, ck, scr, b, L, E,
+            *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g),
+            T=T, BLOCK_E=BE, N=N, NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic,
+            num_warps=cfg["num_warps"])
+    else:
+        for t in (dx_f, ddt_f, dx_b, ddt_b, dz, dA_f, dA_b, dD_f, dbias_f, dD_b, dbias_b, dB_f, dC_f, dB_b, dC_b):
+            t.zero_()
+    if not atomic:
+        dB_f, dC_f, dB_b, dC_b = (t.sum(0) for t in (dB_f, dC_f, dB_b, dC_b))
+    like = [t.dtype for t in inputs]
+    return [dx_f, ddt_f, dA_f.sum(0).to(like[2]), dB_f.to(like[3]), dC_f.to(like[4]),
+            dD_f.sum(0).to(like[5]), dbias_f.sum(0).to(like[6]),
+            dx_b, ddt_b, dA_b.sum(0).to(like[9]), dB_b.to(like[10]), dC_b.to(like[11]),
+            dD_b.sum(0).to(like[12]), dbias_b.sum(0).to(like[13]), dz]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (same signature)
+# ----------------------------------------------------------------------------------------------------------------
+
+def bimamba_scan_reference(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor,
+                           dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
+                           D_b: Tensor, dt_bias_b: Tensor, z: Tensor, scan=None) -> Tensor:
+    """`bimamba_scan` from `visionmamba.ops.ref` scans with the transposes and flips the (B, E, L) layout needs.
+
+    ``scan`` defaults to `selective_scan_ref` (autograd, recomputing); `selective_scan_naive` gives the one-token-
+    at-a-time oracle. Each direction is gated and computed in fp32 and the two are averaged in fp32, then cast to
+    x_f's dtype (the official path rounds each gated direction to the input dtype first; in fp32 they agree).
+    """
+    scan = scan or selective_scan_ref
+    tr = lambda t: t.transpose(1, 2)  # noqa: E731  (B, L, X) -> (B, X, L)
+    fl = lambda t: tr(t).flip(-1)  # noqa: E731
+    f32 = lambda t: t.float()  # noqa: E731
+    y_f = scan(tr(f32(x_f)), tr(f32(dt_f)), A_f.float(), tr(f32(B_f)), tr(f32(C_f)), D_f.float(), tr(f32(z)),
+               dt_bias_f.float(), True)
+    y_b = scan(fl(f32(x_b)), fl(f32(dt_b)), A_b.float(), fl(f32(B_b)), fl(f32(C_b)), D_b.float(), fl(f32(z)),
+               dt_bias_b.float(), True).flip(-1)
+    return tr((y_f + y_b) * 0.5).to(x_f.dtype)
+
+
+def _reference_backward(grad: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+    # torch.func.vjp, not torch.autograd.grad (and plain-op scans, not the autograd.Function `selective_scan_ref`): inside a custom op's implementation the Autograd dispatch keys are
+    # excluded, so plain autograd would record nothing; functorch's grad transform re-enables them for its scope.
+    _, vjp = torch.func.vjp(lambda *a: bimamba_scan_reference(*a, scan=_scan_plain), *[t.detach() for t in inputs])
+    return [gr.to(t.dtype).contiguous() for gr, t in zip(vjp(grad), inputs)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("visionmamba::bimamba_scan", mutates_args=())
+def _bimamba_scan_op(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor,
+                     dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
+                     D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> Tensor:
+    inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
+    if uses_triton(x_f.device):
+        return fwd_triton(*inputs)
+    with torch.no_grad():
+        return bimamba_scan_reference(*inputs).contiguous()
+
+
+@_bimamba_scan_op.register_fake
+def _(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z):
+    return x_f.new_empty(x_f.shape)
+
+
+@torch.library.custom_op("visionmamba::bimamba_scan_bwd", mutates_args=())
+def _bimamba_scan_bwd_op(grad: Tensor, x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor,
+                         D_f: Tensor, dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor,
+                         C_b: Tensor, D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> list[Tensor]:
+    inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
+    if uses_triton(x_f.device):
+        return bwd_triton(grad, *inputs)
+    return _reference_backward(grad, inputs)
+
+
+@_bimamba_scan_bwd_op.register_fake
+def _(grad, x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z):
+    inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    inputs = ctx.saved_tensors
+    if grad is None:
+        grad = torch.zeros(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
+    grads = torch.ops.visionmamba.bimamba_scan_bwd(grad, *inputs)
+    return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
+
+
+_bimamba_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bimamba_scan(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor, dt_bias_f: Tensor,
+                 x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Tensor, dt_bias_b: Tensor,
+                 z: Tensor) -> Tensor:
+    """Both scan directions, gated and averaged: (scan_fwd + scan_rev) / 2 * SiLU(z); see the module docstring."""
+    return torch.ops.visionmamba.bimamba_scan(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b,
+                                              D_b, dt_bias_b, z)

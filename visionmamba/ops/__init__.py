@@ -4,6 +4,8 @@ Backends:
   * ``ref``  — exact pure PyTorch (`visionmamba.ops.ref`), any device/dtype, state in fp32.
   * ``cuda`` — mamba-ssm / causal-conv1d CUDA kernels (`visionmamba.ops.cuda`, imported lazily; install with
     ``pip install -r requirements-cuda.txt --no-build-isolation``).
+  * ``fast`` — our Triton kernel for the bidirectional mixer (`visionmamba.ops.fast`: both directions in one launch,
+    (B, L, E) layout, recomputing backward); single-direction scans (VMamba, LocalMamba) use ``cuda`` under it.
   * ``auto`` — ``cuda`` when the inputs live on a GPU and the kernels import, otherwise ``ref``.
 
 Nothing falls back silently: the first time a (requested, device) pair resolves, the chosen path is logged,
@@ -26,6 +28,7 @@ from .ref import causal_conv1d_ref, selective_scan_naive, selective_scan_ref
 __all__ = [
     "BACKENDS",
     "KernelUnavailableError",
+    "bimamba_scan",
     "causal_conv1d",
     "cuda_kernels_available",
     "get_default_backend",
@@ -40,7 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cuda", "ref")
+BACKENDS = ("auto", "cuda", "fast", "ref")
 CUDA_INSTALL_HINT = (
     "install the kernels with `pip install -r requirements-cuda.txt --no-build-isolation` "
     "(offline: prefix MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE), or use kernel_backend=ref"
@@ -96,6 +99,14 @@ def resolve_backend(requested: Optional[str], device: torch.device | str) -> str
     device = torch.device(device)
     if requested == "ref":
         resolved, why = "ref", "requested"
+    elif requested == "fast":
+        if device.type != "cuda":
+            raise KernelUnavailableError(f"kernel_backend=fast runs Triton kernels on a CUDA device, got {device}")
+        try:
+            import triton  # noqa: F401  (lazy: only when the fast path is requested)
+        except ImportError as exc:
+            raise KernelUnavailableError(f"kernel_backend=fast needs triton ({exc}); pip install triton") from exc
+        resolved, why = "fast", "requested (Triton bidirectional scan)"
     elif requested == "cuda":
         if device.type != "cuda":
             raise KernelUnavailableError(f"kernel_backend=cuda needs inputs on a CUDA device, got {device}")
@@ -120,13 +131,21 @@ def resolve_backend(requested: Optional[str], device: torch.device | str) -> str
     return resolved
 
 
+def _single_direction(backend: Optional[str], device) -> str:
+    """Backend for one-direction ops: the ``fast`` kernel is bidirectional, so they use ``cuda`` (or ``ref``)."""
+    resolved = resolve_backend(backend, device)
+    if resolved == "fast":
+        return "cuda" if cuda_kernels_available()[0] else resolve_backend("ref", device)
+    return resolved
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    backend: Optional[str] = None) -> Tensor:
     """Selective scan (mamba-ssm ``selective_scan_fn`` semantics). u, delta, z: (B, E, L); A: (E, N);
     B, C: (B, N, L), or grouped (B, G, N, L) where channel e uses group e // (E / G) (several independent scans in
     one call, e.g. VMamba's 4 directions stacked along E); D, delta_bias: (E,). Returns (B, E, L)."""
-    if resolve_backend(backend, u.device) == "cuda":
+    if _single_direction(backend, u.device) == "cuda":
         from . import cuda
 
         return cuda.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -136,7 +155,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
                   backend: Optional[str] = None) -> Tensor:
     """Depthwise causal conv1d. x: (B, E, L); weight: (E, W); bias: (E,). Returns (B, E, L)."""
-    if resolve_backend(backend, x.device) == "cuda":
+    if _single_direction(backend, x.device) == "cuda":
         from . import cuda
 
         return cuda.causal_conv1d(x, weight, bias, activation)
@@ -154,12 +173,22 @@ def mamba_inner_no_out_proj(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Opti
     """
     if conv1d_weight.dim() == 3:
         conv1d_weight = rearrange(conv1d_weight, "e 1 w -> e w")
-    if resolve_backend(backend, xz.device) == "cuda":
+    if _single_direction(backend, xz.device) == "cuda":
         from . import cuda
 
         return cuda.mamba_inner_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                                             A, D, delta_bias)
     return _mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias)
+
+
+def bimamba_scan(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor, dt_bias_f: Tensor,
+                 x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Tensor, dt_bias_b: Tensor,
+                 z: Tensor) -> Tensor:
+    """Both scan directions of the bidirectional mixer in the (B, L, E) layout (see `visionmamba.ops.fast`):
+    (scan_fwd(x_f, ...) + scan_rev(x_b, ...)) / 2 * SiLU(z). Triton on CUDA tensors, the PyTorch reference on CPU."""
+    from . import fast
+
+    return fast.bimamba_scan(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
 
 
 def _mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias):

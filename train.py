@@ -1,0 +1,490 @@
+"""Train a Vision Mamba model from the Hydra config in conf/.
+
+    python train.py experiment=digits_quickstart                                          # CPU quick start
+    torchrun --nproc_per_node=8 train.py model=vim_tiny data=imagefolder data.root=/data/imagenet
+    python train.py -m regularizer.shuffle.rate=0,0.1,0.3,0.5 model=shufflemamba_tiny ...  # one run per value
+
+This file only turns the config into objects (the `build_*` functions, also used by validate.py and the tests)
+and runs the epoch loop; the step itself lives in visionmamba/engine.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+from visionmamba.checkpoint import (CheckpointError, CheckpointManager, capture_training_state, load_checkpoint,
+                                    load_weights, resolve_checkpoint, restore_training_state)
+from visionmamba.data import DatasetError, build_dataset, build_loader, build_mixup, build_transform, set_sampler_epoch
+from visionmamba.distributed import (DistInfo, all_gather_object, broadcast_object, cleanup, env_rank,
+                                     init_distributed, replica_digest)
+from visionmamba.engine import NonFiniteLossError, amp_dtype_for, build_criterion, evaluate, train_one_epoch
+from visionmamba.flops import model_complexity
+from visionmamba.models import UnknownModelError, create_model
+from visionmamba.ops import KernelUnavailableError, resolve_backend
+from visionmamba.optim import build_optimizer, build_scheduler, scale_lr
+from visionmamba.tracking import Tracker, git_commit
+from visionmamba.utils import (config_differences, flatten_config, get_loader_rng_state, get_rng_state,
+                               seed_everything, set_loader_rng_state, set_rng_state, setup_logging)
+
+log = logging.getLogger("train")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before any file of the run is written."""
+
+
+# Errors that are the user's input, not a bug: reported as one line and exit status 2 (no traceback).
+USER_ERRORS = (ConfigError, UnknownModelError, DatasetError, CheckpointError, KernelUnavailableError,
+               NonFiniteLossError, MissingMandatoryValue, InterpolationResolutionError)
+
+
+def swept_overrides(job_overrides: list[str]) -> str:
+    """The sweep job's directory name: its overrides minus those fixed on the command line, i.e. the swept values
+    (``a=1,2``, ``range()``, ``choice()`` or ``hydra.sweeper.params``), e.g. ``regularizer.shuffle.rate=0.3``.
+    Names stay short, and a re-run of the same sweep lands in the same directories (auto-resume)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - Hydra itself reports a malformed command line
+        parsed = []
+    fixed = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+    swept = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
+    return ",".join(swept).replace("/", "_") or "job"
+
+
+def register_resolvers() -> None:
+    """Resolvers the YAML files use. Hydra resolves ``hydra.*`` before our code runs, on every torchrun rank, so
+    the rank comes from torchrun's environment: only rank 0 writes the run's log file."""
+    if not OmegaConf.has_resolver("vm_rank_zero_file"):
+        OmegaConf.register_new_resolver("vm_rank_zero_file", lambda path: path if env_rank() == 0 else os.devnull)
+        OmegaConf.register_new_resolver("vm_swept_overrides", lambda overrides: swept_overrides(list(overrides)))
+
+
+register_resolvers()
+
+
+@contextmanager
+def reported_user_errors():
+    """Turn user errors into ``error: <one line>`` and exit status 2; real bugs keep their traceback."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        # the first line says what is wrong; some errors add detail lines (e.g. every key that does not fit)
+        log.error("error: %s", str(exc).strip() or type(exc).__name__)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------ builders: cfg → objects
+def build_model(model_cfg: DictConfig) -> torch.nn.Module:
+    """``create_model(name, **overrides)``; ``null`` overrides mean the model's default."""
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    name = kwargs.pop("name")
+    try:
+        return create_model(name, **kwargs)
+    except UnknownModelError:
+        raise
+    except (TypeError, ValueError) as exc:  # an override this model cannot take (e.g. shuffle on a 2-D model)
+        raise ConfigError(f"model={name} with {kwargs}: {type(exc).__name__}: {exc}") from exc
+
+
+def build_data(data_cfg: DictConfig, reg_cfg: Optional[DictConfig], split: str, *, batch_size: int, workers: int,
+               distributed: bool, seed: int = 0):
+    """Dataset + loader of one split. Training augmentation comes from the regularizer group (``reg_cfg``)."""
+    is_training = split == "train"
+    common = dict(interpolation=data_cfg.interpolation, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+    if is_training:
+        transform = build_transform(
+            True, data_cfg.img_size, crop_pct=data_cfg.crop_pct, auto_augment=reg_cfg.auto_augment,
+            three_augment=reg_cfg.three_augment, color_jitter=reg_cfg.color_jitter, reprob=reg_cfg.reprob,
+            scale=tuple(reg_cfg.scale), hflip=reg_cfg.hflip, **common)
+    else:
+        transform = build_transform(False, data_cfg.img_size, crop_pct=data_cfg.crop_pct, **common)
+    dataset = build_dataset(
+        data_cfg.name, split, root=data_cfg.get("root"), img_size=data_cfg.img_size,
+        num_classes=data_cfg.num_classes, transform=transform, in_chans=data_cfg.in_chans,
+        synthetic_length=data_cfg.get(f"{split}_length", 10_000), strict=data_cfg.strict)
+    loader = build_loader(
+        dataset, batch_size=batch_size, is_training=is_training, num_workers=workers, distributed=distributed,
+        repeated_aug=reg_cfg.repeated_aug if is_training else 0, seed=seed, pin_memory=data_cfg.pin_memory,
+        persistent_workers=data_cfg.persistent_workers, prefetch_factor=data_cfg.prefetch_factor)
+    return dataset, loader
+
+
+def build_optimization(cfg: DictConfig, model: torch.nn.Module, *, world_size: int, steps_per_epoch: int):
+    """Optimizer and LR scheduler; the peak lr follows the DeiT rule ``base_lr * global_batch / base_batch``."""
+    opt = cfg.optimizer
+    global_batch = cfg.batch_size * cfg.accum_steps * world_size
+    lr = scale_lr(opt.base_lr, global_batch, opt.base_batch) if opt.scale_lr else opt.base_lr
+    optimizer = build_optimizer(model, name=opt.name, lr=lr, weight_decay=opt.weight_decay, betas=tuple(opt.betas),
+                                eps=opt.eps, decay_mode=opt.decay_mode, fused=opt.fused)
+    sched = opt.schedule
+    try:
+        scheduler = build_scheduler(optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                                    warmup_epochs=sched.warmup_epochs, warmup_lr=sched.warmup_lr,
+                                    min_lr=sched.min_lr, interval=sched.interval,
+                                    official_epoch_shift=sched.official_epoch_shift)
+    except ValueError as exc:
+        raise ConfigError(f"optimizer.schedule: {exc}") from exc
+    return optimizer, scheduler, {"global_batch": global_batch, "lr": lr}
+
+
+def build_regularization(reg: DictConfig, model: torch.nn.Module, *, num_classes: int):
+    """(mixup_fn or None, train criterion, EMA or None)."""
+    mixup_fn = build_mixup(mixup_alpha=reg.mixup.mixup_alpha, cutmix_alpha=reg.mixup.cutmix_alpha,
+                           prob=reg.mixup.prob, switch_prob=reg.mixup.switch_prob, mode=reg.mixup.mode,
+                           label_smoothing=reg.label_smoothing, num_classes=num_classes)
+    criterion = build_criterion(mixup_active=mixup_fn is not None, label_smoothing=reg.label_smoothing)
+    # The EMA copy starts from the freshly built weights (a resume then loads its own state), before DDP, like the
+    # official code; it lives on the model's device.
+    ema = ModelEmaV3(model, decay=reg.ema.decay, use_warmup=reg.ema.warmup) if reg.ema.enabled else None
+    return mixup_fn, criterion, ema
+
+
+def grad_scaler_for(cfg: DictConfig, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    use_scaler = cfg.precision == "fp16" if cfg.use_grad_scaler is None else cfg.use_grad_scaler
+    if cfg.precision == "fp16" and not use_scaler:
+        raise ConfigError("precision=fp16 needs a GradScaler (fp16 gradients underflow): drop use_grad_scaler=false")
+    return torch.amp.GradScaler(device.type) if use_scaler else None
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+def run_location(cfg: DictConfig) -> tuple[Path, str]:
+    """(run directory, run label). The directory is Hydra's output dir, which conf/train.yaml derives from
+    ``output_dir/run_name`` (+ the job's overrides in a sweep); the label is that path below ``output_dir``."""
+    if HydraConfig.initialized():
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    else:  # called as a library (compose API): same rule, without sweeps
+        run_dir = Path(cfg.output_dir) / cfg.run_name
+    try:
+        label = run_dir.resolve().relative_to(Path(cfg.output_dir).resolve()).as_posix()
+    except ValueError:
+        label = cfg.run_name
+    return run_dir, label
+
+
+def is_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def save_config_snapshots(cfg: DictConfig, resolved: dict, run_dir: Path) -> None:
+    """``config.yaml`` (resolved, what the checkpoints record) and Hydra's ``.hydra/`` trio. Written by us, after
+    the config proved buildable, rather than by Hydra at launch: a mistyped re-run must not overwrite them."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), run_dir / ".hydra" / "hydra.yaml")
+
+
+# Keys that say how to run, not what to train: a resumed run may change them (e.g. more epochs, other workers).
+# Any other difference from the checkpoint's config stops the job instead of silently mixing two experiments.
+RESUMABLE_CHANGES = ("epochs", "resume", "workers", "log_every", "progress", "device", "eval_every", "save_every",
+                     "keep_last", "eval_batch_size", "compile", "kernel_backend", "model.kernel_backend", "nonfinite",
+                     "max_consecutive_nonfinite", "output_dir", "run_name", "mlflow.", "trust_checkpoint",
+                     "data.root", "data.strict", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor")
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class Job:
+    """Everything one training job builds from its config, plus where it stands (updated by resume and fit)."""
+    cfg: DictConfig
+    dist: DistInfo
+    run_dir: Path
+    run_label: str
+    resolved: dict[str, Any]  # the resolved config as plain data: checkpoints, MLflow params, config.yaml
+    model: torch.nn.Module  # the bare model: state_dict, EMA source, evaluation
+    train_model: torch.nn.Module  # the same parameters behind DDP / torch.compile, for the training forward
+    eval_model: torch.nn.Module
+    ema: Optional[ModelEmaV3]
+    train_loader: Any
+    val_loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    criterion: torch.nn.Module
+    mixup_fn: Any
+    amp_dtype: Optional[torch.dtype]
+    derived: dict[str, Any]  # global batch, effective lr, world size, steps per epoch
+    checkpoints: CheckpointManager
+    start_epoch: int = 0
+    num_updates: int = 0
+    best: dict[str, float] = field(default_factory=lambda: {"top1": float("-inf"), "epoch": -1})
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[float]:
+    with reported_user_errors():
+        return train(cfg).get("best/top1")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) one training job; returns its final metrics (on every rank)."""
+    dist_info = init_distributed(cfg.device)
+    setup_logging(dist_info.rank)
+    try:
+        job = build_job(cfg, dist_info)
+        resume(job)
+        job.train_model, job.eval_model = wrap_model(job)
+        return fit(job)
+    finally:
+        cleanup()
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks that the builders below would otherwise report late or obscurely."""
+    for key, allowed in (("precision", ("bf16", "fp16", "fp32")), ("nonfinite", ("skip", "stop")),
+                         ("progress", ("auto", "bar", "line", "none"))):
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    for key in ("epochs", "batch_size", "accum_steps", "log_every", "keep_last"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise ConfigError(f"data.root is not set: data={cfg.data.name} data.root=/path/to/dataset "
+                          "(or data=digits for the bundled dataset)")
+    mixup = cfg.regularizer.mixup
+    if (mixup.mixup_alpha > 0 or mixup.cutmix_alpha > 0) and mixup.mode == "batch" and cfg.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix in batch mode needs an even batch_size, got {cfg.batch_size}")
+
+
+def build_job(cfg: DictConfig, dist_info: DistInfo) -> Job:
+    """Data, model and optimization from the config. Nothing is written to the run directory here, so a bad
+    option fails before it can touch an existing run."""
+    check_config(cfg)
+    run_dir, run_label = run_location(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if resolved["data"].get("root"):  # recorded absolute: the checkpoint's config then works from any directory
+        resolved["data"]["root"] = str(Path(resolved["data"]["root"]).expanduser().resolve())
+    seed_everything(cfg.seed, dist_info.rank)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes (as the official code); no effect on CPU
+    log.info("run %s in %s: model=%s data=%s world_size=%d device=%s", run_label, run_dir, cfg.model.name,
+             cfg.data.name, dist_info.world_size, dist_info.device)
+
+    loader_kwargs = dict(workers=cfg.workers, distributed=dist_info.is_distributed, seed=cfg.seed)
+    _, train_loader = build_data(cfg.data, cfg.regularizer, "train", batch_size=cfg.batch_size, **loader_kwargs)
+    _, val_loader = build_data(cfg.data, cfg.regularizer, "val", batch_size=cfg.eval_batch_size, **loader_kwargs)
+    steps_per_epoch = len(train_loader) // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_loader)} train batches per rank is fewer than accum_steps={cfg.accum_steps}: "
+                          "lower batch_size or accum_steps")
+
+    model = build_model(cfg.model)
+    if cfg.init_from:  # before the EMA copy is made, which then starts from these weights (as officially)
+        load_weights(model, resolve_checkpoint(cfg.init_from), use_ema=cfg.init_from_ema,
+                     trust_pickle=cfg.trust_checkpoint, drop_mismatched_head=True)
+    model.to(dist_info.device)
+    mixup_fn, criterion, ema = build_regularization(cfg.regularizer, model, num_classes=cfg.data.num_classes)
+    optimizer, scheduler, derived = build_optimization(cfg, model, world_size=dist_info.world_size,
+                                                       steps_per_epoch=steps_per_epoch)
+    derived.update(world_size=dist_info.world_size, steps_per_epoch=steps_per_epoch)
+    return Job(
+        cfg=cfg, dist=dist_info, run_dir=run_dir, run_label=run_label, resolved=resolved, model=model,
+        train_model=model, eval_model=model, ema=ema, train_loader=train_loader, val_loader=val_loader,
+        optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler_for(cfg, dist_info.device),
+        criterion=criterion, mixup_fn=mixup_fn, amp_dtype=amp_dtype_for(cfg.precision), derived=derived,
+        checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last, save_every=cfg.save_every),
+    )
+
+
+def resume(job: Job) -> None:
+    """Continue from the run directory's newest valid checkpoint, if there is one (auto-resume).
+
+    Only a changed epoch count, data location or machine settings (:data:`RESUMABLE_CHANGES`) are accepted, and
+    batch_size/accum_steps when the global batch stays the same (another GPU count); any other config change is
+    an error, as is ``resume=false`` in front of existing checkpoints.
+
+    Rank 0 chooses the file (skipping unreadable ones) and every rank loads that same file: model, EMA, optimizer,
+    scheduler, scaler, counters, and each rank's own RNG and data-order generators.
+    """
+    latest = job.checkpoints.find_latest() if job.dist.is_main else None
+    path = broadcast_object(str(latest[0]) if latest else None)
+    if path is None:
+        return
+    if not job.cfg.resume:
+        raise ConfigError(f"{job.run_dir} already holds checkpoints and resume=false: pick another run_name "
+                          "(or delete that directory) rather than overwrite them")
+    state = latest[1] if latest else load_checkpoint(path)
+    changed = config_differences(state.get("config") or {}, job.resolved)
+    conflicts = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE_CHANGES)}
+    recorded_batch = state.get("derived", {}).get("global_batch", job.derived["global_batch"])
+    if recorded_batch == job.derived["global_batch"]:
+        # e.g. 8 GPUs x 256 resumed on 4 GPUs x 256 x accum_steps=2: the same optimization, another machine
+        conflicts = {k: v for k, v in conflicts.items() if k not in ("batch_size", "accum_steps")}
+    else:  # same config on another number of GPUs: the lr and the schedule's steps would silently change
+        conflicts["global batch (batch_size x accum_steps x world size)"] = (recorded_batch,
+                                                                           job.derived["global_batch"])
+    if conflicts:
+        listed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in list(conflicts.items())[:6])
+        raise ConfigError(f"{job.run_dir} holds a run with another config ({listed}"
+                          f"{', ...' if len(conflicts) > 6 else ''}): pick a new run_name to start a new run")
+    restore_training_state(state, model=job.model, ema=job.ema, optimizer=job.optimizer, scheduler=job.scheduler,
+                           scaler=job.scaler, source=path)
+    per_rank = state.get("rng") or []
+    if len(per_rank) == job.dist.world_size:
+        set_rng_state(per_rank[job.dist.rank]["global"])
+        set_loader_rng_state(job.train_loader, per_rank[job.dist.rank]["data"])
+    else:
+        log.warning("checkpoint has RNG states for %d ranks, this job has %d: random streams restart",
+                    len(per_rank), job.dist.world_size)
+    job.start_epoch, job.num_updates = state["epoch"], state["global_step"]
+    job.best = {"top1": state.get("best_top1", float("-inf")), "epoch": state.get("best_epoch", -1)}
+    job.last_metrics = state.get("metrics") or {}
+    log.info("resuming from %s at epoch %d (update %d)", path, job.start_epoch, job.num_updates)
+    for key, (old, new) in changed.items():
+        log.info("changed since the checkpoint: %s: %s -> %s", key, old, new)
+
+
+def wrap_model(job: Job) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(training module, evaluation module). DDP wraps only the training forward; evaluation runs the bare model
+    on each rank's disjoint shard (no gradient sync, no buffer broadcast). torch.compile optionally on both."""
+    train_model = job.model
+    if job.dist.is_distributed:
+        device = job.dist.device
+        train_model = DistributedDataParallel(job.model, device_ids=[device.index] if device.type == "cuda" else None)
+    if job.cfg.compile:
+        return torch.compile(train_model), torch.compile(job.model)
+    return train_model, job.model
+
+
+def start_tracking(job: Job) -> Tracker:
+    """The job's MLflow run (a no-op object on ranks other than 0 or with mlflow.enabled=false)."""
+    cfg, mlflow_cfg = job.cfg, job.cfg.mlflow
+    tracker = Tracker(enabled=mlflow_cfg.enabled and job.dist.is_main, tracking_uri=mlflow_cfg.tracking_uri,
+                      experiment_name=mlflow_cfg.experiment_name, run_name=job.run_label,
+                      state_file=job.run_dir / "mlflow_run.json")
+    if not job.dist.is_main:
+        return tracker
+    tracker.start(tags={
+        "model": cfg.model.name, "dataset": cfg.data.name, "world_size": job.dist.world_size,
+        "precision": cfg.precision, "kernel_backend": resolve_backend(cfg.kernel_backend, job.dist.device),
+        "device": job.dist.device.type, "git_commit": git_commit(Path(__file__).parent),
+        "run_dir": str(job.run_dir.resolve()), "sweep": cfg.run_name if is_sweep() else None,
+        "init_from": cfg.init_from, **mlflow_cfg.tags,
+    })
+    tracker.log_params({**flatten_config(job.resolved), **{f"derived.{k}": v for k, v in job.derived.items()}})
+    if job.start_epoch == 0:  # once per run; fvcore traces a copy on the run's device, through its kernels
+        complexity = model_complexity(job.model, cfg.data.img_size, in_chans=cfg.data.in_chans,
+                                      device=job.dist.device)
+        tracker.log_metrics({"model/params_m": complexity["params"] / 1e6, "model/gmacs": complexity["gmacs"]}, 0)
+        log.info("model %s: %.3fM params, %.4g GMACs per %d px image (1 MAC = 1 multiply-add)", cfg.model.name,
+                 complexity["params"] / 1e6, complexity["gmacs"], cfg.data.img_size)
+    tracker.log_artifact(job.run_dir / "config.yaml")
+    return tracker
+
+
+def fit(job: Job) -> dict[str, Any]:
+    """Rank 0 records the config and opens the MLflow run, then the epoch loop runs; returns the final metrics."""
+    if job.dist.is_main:
+        save_config_snapshots(job.cfg, job.resolved, job.run_dir)
+        log.info("global batch %d (%d per rank x %d accumulation x %d ranks), lr %.3g, %d optimizer steps per epoch",
+                 job.derived["global_batch"], job.cfg.batch_size, job.cfg.accum_steps, job.dist.world_size,
+                 job.derived["lr"], job.derived["steps_per_epoch"])
+    tracker = start_tracking(job)
+    status = "FAILED"
+    try:
+        final = run_epochs(job, tracker)
+        if job.dist.is_main:
+            final.update({"run_dir": str(job.run_dir.resolve()), "mlflow_run_id": tracker.run_id})
+            (job.run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+            tracker.log_artifact(job.run_dir / "final_metrics.json")
+        status = "FINISHED"
+        return final
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+
+
+def run_epochs(job: Job, tracker: Tracker) -> dict[str, Any]:
+    """The epoch loop: train, evaluate model and EMA, checkpoint, log."""
+    cfg, device = job.cfg, job.dist.device
+    digests: list[str] = []
+    if job.start_epoch >= cfg.epochs:
+        log.info("run already complete (%d/%d epochs); raise epochs=... to train further", job.start_epoch, cfg.epochs)
+    for epoch in range(job.start_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        set_sampler_epoch(job.train_loader, epoch)
+        stats = train_one_epoch(
+            job.train_model, job.train_loader, job.optimizer, job.criterion, device, epoch,
+            num_updates=job.num_updates, scheduler=job.scheduler, amp_dtype=job.amp_dtype, scaler=job.scaler,
+            accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, ema=job.ema, mixup_fn=job.mixup_fn,
+            nonfinite=cfg.nonfinite, max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
+            log_every=cfg.log_every, on_log=tracker.log_metrics, progress=cfg.progress,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        job.num_updates = stats["num_updates"]
+        job.scheduler.after_epoch(epoch)
+        metrics = {"train/epoch_loss": stats["loss"], "train/epoch_img_per_s": stats["img_per_s"],
+                   "train/skipped_steps": stats["skipped_steps"]}
+
+        is_best = False
+        if epoch + 1 == cfg.epochs or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0):
+            metrics.update(evaluate_all(job))
+            is_best = metrics["val/top1"] > job.best["top1"]  # chosen on the raw (non-EMA) weights, as officially
+            if is_best:
+                job.best = {"top1": metrics["val/top1"], "epoch": epoch + 1}
+        if job.best["epoch"] > 0:
+            metrics.update({"best/top1": job.best["top1"], "best/epoch": job.best["epoch"]})
+
+        digests = save_checkpoint(job, epoch + 1, metrics, is_best)
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val", "best"))}, epoch + 1)
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("train/")}, job.num_updates)
+        log.info("epoch %d/%d done in %.0fs: %s", epoch + 1, cfg.epochs, time.perf_counter() - epoch_start,
+                 "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        job.last_metrics = metrics
+    return {**job.last_metrics, "epoch": max(job.start_epoch, cfg.epochs), "global_step": job.num_updates,
+            "best/top1": job.best["top1"], "best/epoch": job.best["epoch"], "replica_digests": digests}
+
+
+def evaluate_all(job: Job) -> dict[str, float]:
+    """``val/*`` for the model and, when configured, ``val_ema/*`` for its EMA (every rank takes part)."""
+    kwargs = dict(amp_dtype=job.amp_dtype, progress=job.cfg.progress)
+    results = {"val": evaluate(job.eval_model, job.val_loader, job.dist.device, desc="val", **kwargs)}
+    if job.ema is not None and job.cfg.regularizer.ema.eval:
+        results["val_ema"] = evaluate(job.ema.module, job.val_loader, job.dist.device, desc="val ema", **kwargs)
+    return {f"{prefix}/{k}": v for prefix, res in results.items() for k, v in res.items() if k != "num_samples"}
+
+
+def save_checkpoint(job: Job, epoch: int, metrics: dict[str, float], is_best: bool) -> list[str]:
+    """Gather every rank's RNG snapshot and replica digest (a collective), then rank 0 writes the checkpoint.
+    Returns the digests, one per rank: they differ only if DDP replicas drifted apart, which is logged as an error."""
+    per_rank = all_gather_object({"global": get_rng_state(), "data": get_loader_rng_state(job.train_loader),
+                                  "digest": replica_digest(job.model)})
+    digests = [entry.pop("digest") for entry in per_rank]
+    if len(set(digests)) > 1:
+        log.error("model replicas differ across ranks after epoch %d: %s", epoch, digests)
+    if job.dist.is_main:
+        job.checkpoints.save({
+            **capture_training_state(model=job.model, ema=job.ema, optimizer=job.optimizer,
+                                     scheduler=job.scheduler, scaler=job.scaler),
+            "epoch": epoch, "global_step": job.num_updates, "best_top1": job.best["top1"],
+            "best_epoch": job.best["epoch"], "metrics": metrics, "model_name": job.cfg.model.name,
+            "config": job.resolved, "derived": job.derived, "rng": per_rank,
+        }, epoch=epoch, is_best=is_best)
+    return digests
+
+
+if __name__ == "__main__":
+    main()

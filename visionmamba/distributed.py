@@ -80,7 +80,10 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
         # Before init: NCCL binds each rank to the current device, and every later .cuda() lands there.
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # On GPUs, NCCL for CUDA tensors plus gloo for the small CPU-side collectives (loss/flag sums, metric
+        # totals, object broadcasts): with plain "nccl" any CPU tensor collective fails with
+        # "No backend type associated with device type cpu".
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=timeout_min)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # eager NCCL init: a broken fabric fails here, not at the first all-reduce

@@ -9,6 +9,7 @@ and runs the epoch loop; the step itself lives in visionmamba/engine.py.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -17,27 +18,30 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError,
+                              MissingMandatoryValue)
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from visionmamba.checkpoint import (CheckpointError, CheckpointManager, capture_training_state, load_checkpoint,
                                     load_weights, resolve_checkpoint, restore_training_state)
 from visionmamba.data import DatasetError, build_dataset, build_loader, build_mixup, build_transform, set_sampler_epoch
-from visionmamba.distributed import (DistInfo, all_gather_object, broadcast_object, cleanup, env_rank,
-                                     init_distributed, replica_digest)
+from visionmamba.distributed import (DistInfo, all_gather_object, all_reduce, barrier, broadcast_object, cleanup,
+                                     env_rank, init_distributed, replica_digest)
 from visionmamba.engine import NonFiniteLossError, amp_dtype_for, build_criterion, evaluate, train_one_epoch
 from visionmamba.flops import model_complexity
 from visionmamba.models import UnknownModelError, create_model
 from visionmamba.ops import KernelUnavailableError, resolve_backend
 from visionmamba.optim import build_optimizer, build_scheduler, scale_lr
+from visionmamba.preemption import Preempted, PreemptionHandler, exit_code_for
 from visionmamba.tracking import Tracker, git_commit
 from visionmamba.utils import (config_differences, flatten_config, get_loader_rng_state, get_rng_state,
                                seed_everything, set_loader_rng_state, set_rng_state, setup_logging)
@@ -80,6 +84,17 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def user_error_message(exc: BaseException) -> str:
+    """The message of a user error. One raised in a DataLoader worker comes back wrapped by PyTorch ("Caught X in
+    DataLoader worker process N." + the worker's traceback): keep only the original message."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and " in DataLoader worker process " in lines[0]:
+        last = lines[-1].strip()  # "package.module.ErrorClass: the original message"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 @contextmanager
 def reported_user_errors():
     """Turn user errors into ``error: <one line>`` and exit status 2; real bugs keep their traceback."""
@@ -87,8 +102,69 @@ def reported_user_errors():
         yield
     except USER_ERRORS as exc:
         # the first line says what is wrong; some errors add detail lines (e.g. every key that does not fit)
-        log.error("error: %s", str(exc).strip() or type(exc).__name__)
+        log.error("error: %s", user_error_message(exc))
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+_CLI_RAISES_HYDRA_ERRORS = False
+
+
+def describe_config_error(exc: Exception) -> str:
+    """One line for a command line that does not compose: unknown group choice or key (with the valid ones and the
+    closest matches), or override syntax."""
+    if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
+        group, _, choice = exc.missing_cfg_file.rpartition("/")
+        close = difflib.get_close_matches(choice, exc.options, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"unknown {group}={choice}{hint}; valid {group} options: {', '.join(exc.options)}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override {exc.override!r}: {exc.message.splitlines()[0]}"
+    cause = exc.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
+        parent = cause.parent_node
+        keys = [str(k) for k in parent.keys() if k != "hydra"] if parent is not None else []
+        close = difflib.get_close_matches(str(cause.key), keys, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        prefix = cause.full_key.rpartition(".")[0]
+        where = f"of {prefix}" if prefix else "at the top level"
+        return (f"unknown config option {cause.full_key!r}{hint}; valid keys {where}: {', '.join(keys)} "
+                f"(+{cause.full_key}=... adds a new key on purpose)")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    return "; ".join(lines) or type(exc).__name__
+
+
+def run_cli(hydra_main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` entry point; a command line that does not compose (unknown option or group choice,
+    bad override syntax) becomes one ``error:`` line and exit status 2 instead of Hydra's multi-line report.
+
+    Hydra prints composition errors itself unless ``HYDRA_FULL_ERROR=1``; we set it until the task function starts
+    (:func:`release_hydra_errors`), so errors inside the job still get Hydra's usual report. A user who sets
+    ``HYDRA_FULL_ERROR=1`` gets Hydra's full output for everything, as documented by Hydra.
+    """
+    global _CLI_RAISES_HYDRA_ERRORS
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        hydra_main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    _CLI_RAISES_HYDRA_ERRORS = True
+    try:
+        hydra_main()
+    except (ConfigCompositionException, OverrideParseException) as exc:
+        print(f"error: {describe_config_error(exc)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        release_hydra_errors()
+
+
+def release_hydra_errors() -> None:
+    """Undo :func:`run_cli`'s ``HYDRA_FULL_ERROR`` once the config composed (called first thing in the job)."""
+    global _CLI_RAISES_HYDRA_ERRORS
+    if _CLI_RAISES_HYDRA_ERRORS:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        _CLI_RAISES_HYDRA_ERRORS = False
 
 
 # ------------------------------------------------------------------------------------------ builders: cfg → objects
@@ -101,7 +177,19 @@ def build_model(model_cfg: DictConfig) -> torch.nn.Module:
     except UnknownModelError:
         raise
     except (TypeError, ValueError) as exc:  # an override this model cannot take (e.g. shuffle on a 2-D model)
-        raise ConfigError(f"model={name} with {kwargs}: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"model={name}: {exc} ({type(exc).__name__}; model options {kwargs})") from exc
+
+
+def check_image_size(model: torch.nn.Module, img_size: int, name: str) -> None:
+    """Images of ``img_size`` px must fit the model (e.g. hold one patch, or enough patches for the registers):
+    checked when the job is built, not at the first forward after the run directory was written."""
+    check = getattr(model, "check_img_size", None) or getattr(getattr(model, "patch_embed", None),
+                                                              "check_img_size", None)
+    if check is not None:
+        try:
+            check(img_size)
+        except ValueError as exc:
+            raise ConfigError(f"data.img_size={img_size} does not fit model={name}: {exc}") from exc
 
 
 def build_data(data_cfg: DictConfig, reg_cfg: Optional[DictConfig], split: str, *, batch_size: int, workers: int,
@@ -199,7 +287,8 @@ def save_config_snapshots(cfg: DictConfig, resolved: dict, run_dir: Path) -> Non
 # Keys that say how to run, not what to train: a resumed run may change them (e.g. more epochs, other workers).
 # Any other difference from the checkpoint's config stops the job instead of silently mixing two experiments.
 RESUMABLE_CHANGES = ("epochs", "resume", "workers", "log_every", "progress", "device", "eval_every", "save_every",
-                     "keep_last", "eval_batch_size", "compile", "kernel_backend", "model.kernel_backend", "nonfinite",
+                     "keep_last", "checkpoint_every_steps", "eval_batch_size", "compile", "kernel_backend",
+                     "model.kernel_backend", "nonfinite",
                      "max_consecutive_nonfinite", "output_dir", "run_name", "mlflow.", "trust_checkpoint",
                      "data.root", "data.strict", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor")
 
@@ -228,26 +317,44 @@ class Job:
     derived: dict[str, Any]  # global batch, effective lr, world size, steps per epoch
     checkpoints: CheckpointManager
     start_epoch: int = 0
+    start_step: int = 0  # updates already done in epoch start_epoch (a mid-epoch checkpoint)
+    partial_epoch: Optional[dict[str, float]] = None  # this rank's running sums of that epoch, from the checkpoint
+    pending_rng: Optional[dict[str, Any]] = None  # this rank's RNG states from the checkpoint, set at the first step
     num_updates: int = 0
     best: dict[str, float] = field(default_factory=lambda: {"top1": float("-inf"), "epoch": -1})
     last_metrics: dict[str, float] = field(default_factory=dict)
+    train_dataset: Any = None
+    val_dataset: Any = None
+    preemption: Optional[PreemptionHandler] = None
+    unreadable_reported: int = 0  # unreadable images already reported in the log
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> Optional[float]:
+    release_hydra_errors()
     with reported_user_errors():
-        return train(cfg).get("best/top1")
+        try:
+            return train(cfg).get("best/top1")
+        except Preempted as exc:  # the checkpoint is written: a resumable, non-zero exit (see visionmamba.preemption)
+            log.warning("%s", exc)
+            sys.exit(exit_code_for(exc.signum))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) one training job; returns its final metrics (on every rank)."""
+    """Run (or resume) one training job; returns its final metrics (on every rank).
+
+    SIGTERM/SIGUSR1 during the job end it after the current update with a checkpoint on every rank, raising
+    :class:`~visionmamba.preemption.Preempted` (the signal handlers are restored on return).
+    """
     dist_info = init_distributed(cfg.device)
     setup_logging(dist_info.rank)
     try:
-        job = build_job(cfg, dist_info)
-        resume(job)
-        job.train_model, job.eval_model = wrap_model(job)
-        return fit(job)
+        with PreemptionHandler() as preemption:
+            job = build_job(cfg, dist_info)
+            job.preemption = preemption
+            resume(job)
+            job.train_model, job.eval_model = wrap_model(job)
+            return fit(job)
     finally:
         cleanup()
 
@@ -258,9 +365,10 @@ def check_config(cfg: DictConfig) -> None:
                          ("progress", ("auto", "bar", "line", "none"))):
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
-    for key in ("epochs", "batch_size", "accum_steps", "log_every", "keep_last"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    for key, low in (("epochs", 1), ("batch_size", 1), ("accum_steps", 1), ("log_every", 1), ("keep_last", 1),
+                     ("checkpoint_every_steps", 0), ("workers", 0), ("eval_every", 0), ("save_every", 0)):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < low:
+            raise ConfigError(f"{key} must be an integer >= {low}, got {cfg[key]!r}")
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ConfigError(f"data.root is not set: data={cfg.data.name} data.root=/path/to/dataset "
                           "(or data=digits for the bundled dataset)")
@@ -283,14 +391,17 @@ def build_job(cfg: DictConfig, dist_info: DistInfo) -> Job:
              cfg.data.name, dist_info.world_size, dist_info.device)
 
     loader_kwargs = dict(workers=cfg.workers, distributed=dist_info.is_distributed, seed=cfg.seed)
-    _, train_loader = build_data(cfg.data, cfg.regularizer, "train", batch_size=cfg.batch_size, **loader_kwargs)
-    _, val_loader = build_data(cfg.data, cfg.regularizer, "val", batch_size=cfg.eval_batch_size, **loader_kwargs)
+    train_dataset, train_loader = build_data(cfg.data, cfg.regularizer, "train", batch_size=cfg.batch_size,
+                                             **loader_kwargs)
+    val_dataset, val_loader = build_data(cfg.data, cfg.regularizer, "val", batch_size=cfg.eval_batch_size,
+                                         **loader_kwargs)
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_loader)} train batches per rank is fewer than accum_steps={cfg.accum_steps}: "
                           "lower batch_size or accum_steps")
 
     model = build_model(cfg.model)
+    check_image_size(model, cfg.data.img_size, cfg.model.name)
     if cfg.init_from:  # before the EMA copy is made, which then starts from these weights (as officially)
         load_weights(model, resolve_checkpoint(cfg.init_from), use_ema=cfg.init_from_ema,
                      trust_pickle=cfg.trust_checkpoint, drop_mismatched_head=True)
@@ -305,6 +416,7 @@ def build_job(cfg: DictConfig, dist_info: DistInfo) -> Job:
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler_for(cfg, dist_info.device),
         criterion=criterion, mixup_fn=mixup_fn, amp_dtype=amp_dtype_for(cfg.precision), derived=derived,
         checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last, save_every=cfg.save_every),
+        train_dataset=train_dataset, val_dataset=val_dataset,
     )
 
 
@@ -316,8 +428,12 @@ def resume(job: Job) -> None:
     an error, as is ``resume=false`` in front of existing checkpoints.
 
     Rank 0 chooses the file (skipping unreadable ones) and every rank loads that same file: model, EMA, optimizer,
-    scheduler, scaler, counters, and each rank's own RNG and data-order generators.
+    scheduler, scaler, counters, and each rank's own RNG and data-order generators. A mid-epoch checkpoint also
+    gives the position in the epoch and the epoch's running sums; its RNG states are applied just before the first
+    update (:func:`run_epochs`), so nothing done in between (tracking, model statistics) can shift them.
     """
+    if job.dist.is_main:
+        job.checkpoints.remove_stale_temp_files()
     latest = job.checkpoints.find_latest() if job.dist.is_main else None
     path = broadcast_object(str(latest[0]) if latest else None)
     if path is None:
@@ -341,17 +457,26 @@ def resume(job: Job) -> None:
                           f"{', ...' if len(conflicts) > 6 else ''}): pick a new run_name to start a new run")
     restore_training_state(state, model=job.model, ema=job.ema, optimizer=job.optimizer, scheduler=job.scheduler,
                            scaler=job.scaler, source=path)
-    per_rank = state.get("rng") or []
-    if len(per_rank) == job.dist.world_size:
-        set_rng_state(per_rank[job.dist.rank]["global"])
-        set_loader_rng_state(job.train_loader, per_rank[job.dist.rank]["data"])
-    else:
-        log.warning("checkpoint has RNG states for %d ranks, this job has %d: random streams restart",
-                    len(per_rank), job.dist.world_size)
     job.start_epoch, job.num_updates = state["epoch"], state["global_step"]
+    job.start_step = int(state.get("step_in_epoch") or 0)
+    steps_per_epoch = job.derived["steps_per_epoch"]
+    if job.start_step > steps_per_epoch:  # e.g. data.root now holds fewer images: treat that epoch as done
+        log.warning("the checkpoint is %d updates into epoch %d, which now has only %d: that epoch ends there",
+                    job.start_step, job.start_epoch + 1, steps_per_epoch)
+        job.start_step = steps_per_epoch
+    per_rank = state.get("rng") or []
+    partial = state.get("partial_epoch") or []
+    if len(per_rank) == job.dist.world_size:
+        job.pending_rng = per_rank[job.dist.rank]
+        job.partial_epoch = partial[job.dist.rank] if len(partial) == job.dist.world_size else None
+    else:
+        log.warning("checkpoint has RNG states for %d ranks, this job has %d: random streams restart%s",
+                    len(per_rank), job.dist.world_size,
+                    " and the resumed epoch's averages cover only its remaining updates" if job.start_step else "")
     job.best = {"top1": state.get("best_top1", float("-inf")), "epoch": state.get("best_epoch", -1)}
     job.last_metrics = state.get("metrics") or {}
-    log.info("resuming from %s at epoch %d (update %d)", path, job.start_epoch, job.num_updates)
+    within = f", {job.start_step}/{steps_per_epoch} updates into that epoch" if job.start_step else ""
+    log.info("resuming from %s at epoch %d (update %d)%s", path, job.start_epoch, job.num_updates, within)
     for key, (old, new) in changed.items():
         log.info("changed since the checkpoint: %s: %s -> %s", key, old, new)
 
@@ -384,7 +509,7 @@ def start_tracking(job: Job) -> Tracker:
         "init_from": cfg.init_from, **mlflow_cfg.tags,
     })
     tracker.log_params({**flatten_config(job.resolved), **{f"derived.{k}": v for k, v in job.derived.items()}})
-    if job.start_epoch == 0:  # once per run; fvcore traces a copy on the run's device, through its kernels
+    if job.start_epoch == 0 and job.start_step == 0:  # once per run; fvcore traces a copy on the run's device
         complexity = model_complexity(job.model, cfg.data.img_size, in_chans=cfg.data.in_chans,
                                       device=job.dist.device)
         tracker.log_metrics({"model/params_m": complexity["params"] / 1e6, "model/gmacs": complexity["gmacs"]}, 0)
@@ -411,7 +536,7 @@ def fit(job: Job) -> dict[str, Any]:
             tracker.log_artifact(job.run_dir / "final_metrics.json")
         status = "FINISHED"
         return final
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted):
         status = "KILLED"
         raise
     finally:
@@ -419,22 +544,51 @@ def fit(job: Job) -> dict[str, Any]:
 
 
 def run_epochs(job: Job, tracker: Tracker) -> dict[str, Any]:
-    """The epoch loop: train, evaluate model and EMA, checkpoint, log."""
+    """The epoch loop: train, evaluate model and EMA, checkpoint, log.
+
+    Checkpoints also go out every ``checkpoint_every_steps`` updates within an epoch and when a preemption signal
+    arrives (then :class:`Preempted` ends the job on every rank, after the checkpoint)."""
     cfg, device = job.cfg, job.dist.device
     digests: list[str] = []
     if job.start_epoch >= cfg.epochs:
         log.info("run already complete (%d/%d epochs); raise epochs=... to train further", job.start_epoch, cfg.epochs)
+    if job.pending_rng is not None:  # the checkpoint's RNG states, as late as possible: just before the first update
+        set_rng_state(job.pending_rng["global"])
+        set_loader_rng_state(job.train_loader, job.pending_rng["data"])
+        job.pending_rng = None
+    steps_per_epoch = job.derived["steps_per_epoch"]
     for epoch in range(job.start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         set_sampler_epoch(job.train_loader, epoch)
+        # The data-order generators as this epoch's pass begins: a mid-epoch checkpoint records these, so that a
+        # resume replays the same order (and worker seeds) and skips what was consumed.
+        epoch_data_rng = get_loader_rng_state(job.train_loader)
+        start_step, resume_totals = job.start_step, job.partial_epoch
+        job.start_step, job.partial_epoch = 0, None
+        stop_position: dict[str, Any] = {}
+
+        def on_step_end(position: dict[str, Any], epoch: int = epoch, data_rng: dict = epoch_data_rng) -> None:
+            every = cfg.checkpoint_every_steps
+            periodic = every > 0 and position["num_updates"] % every == 0 and position["step"] < steps_per_epoch
+            if position["stop"] or periodic:  # the same decision on every rank (collective inside)
+                job.num_updates = position["num_updates"]
+                save_checkpoint(job, epoch, job.last_metrics, False, step=position["step"], data_rng=data_rng,
+                                partial=position["totals"])
+            if position["stop"]:
+                stop_position.update(position)
+
         stats = train_one_epoch(
             job.train_model, job.train_loader, job.optimizer, job.criterion, device, epoch,
             num_updates=job.num_updates, scheduler=job.scheduler, amp_dtype=job.amp_dtype, scaler=job.scaler,
             accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, ema=job.ema, mixup_fn=job.mixup_fn,
             nonfinite=cfg.nonfinite, max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
             log_every=cfg.log_every, on_log=tracker.log_metrics, progress=cfg.progress,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", start_step=start_step, resume_totals=resume_totals,
+            stop_requested=lambda: job.preemption is not None and job.preemption.requested,
+            on_step_end=on_step_end)
         job.num_updates = stats["num_updates"]
+        if stats["stopped"]:
+            raise preempted(job, job.checkpoints.epoch_path(epoch, stop_position["step"]))
         job.scheduler.after_epoch(epoch)
         metrics = {"train/epoch_loss": stats["loss"], "train/epoch_img_per_s": stats["img_per_s"],
                    "train/skipped_steps": stats["skipped_steps"]}
@@ -447,15 +601,54 @@ def run_epochs(job: Job, tracker: Tracker) -> dict[str, Any]:
                 job.best = {"top1": metrics["val/top1"], "epoch": epoch + 1}
         if job.best["epoch"] > 0:
             metrics.update({"best/top1": job.best["top1"], "best/epoch": job.best["epoch"]})
+        metrics.update(count_unreadable_images(job))
 
         digests = save_checkpoint(job, epoch + 1, metrics, is_best)
-        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val", "best"))}, epoch + 1)
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("val", "best", "data/"))}, epoch + 1)
         tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("train/")}, job.num_updates)
         log.info("epoch %d/%d done in %.0fs: %s", epoch + 1, cfg.epochs, time.perf_counter() - epoch_start,
                  "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         job.last_metrics = metrics
+        # A signal that arrived during evaluation or the checkpoint: that checkpoint is current, stop here.
+        if epoch + 1 < cfg.epochs and agreed_signal(job):
+            raise preempted(job, job.checkpoints.epoch_path(epoch + 1))
     return {**job.last_metrics, "epoch": max(job.start_epoch, cfg.epochs), "global_step": job.num_updates,
             "best/top1": job.best["top1"], "best/epoch": job.best["epoch"], "replica_digests": digests}
+
+
+def agreed_signal(job: Job) -> int:
+    """The preemption signal number if any rank received one (0 if none): a collective, the same on all ranks."""
+    local = job.preemption.signum if job.preemption is not None and job.preemption.signum else 0
+    return int(all_reduce(torch.tensor([local], dtype=torch.int64, device=job.dist.device), "max").item())
+
+
+def preempted(job: Job, checkpoint: Path) -> Preempted:
+    """The exception that ends a preempted job, once every rank knows rank 0 finished writing ``checkpoint``."""
+    signum = agreed_signal(job)
+    barrier()  # no rank exits (under torchrun: makes the agent tear the others down) while rank 0 still writes
+    return Preempted(signum or 15, str(checkpoint))
+
+
+def count_unreadable_images(job: Job) -> dict[str, float]:
+    """``data/unreadable_images``: distinct image files skipped so far because they cannot be decoded (folder
+    datasets; all ranks' flags are OR-ed, a collective). Each new count is also logged as a warning."""
+    counts, examples = {}, []
+    for split, dataset in (("train", job.train_dataset), ("val", job.val_dataset)):
+        flags_of = getattr(dataset, "bad_file_flags", None)
+        if flags_of is None:
+            continue
+        flags = all_reduce(flags_of().to(job.dist.device), "max").cpu()
+        counts[split] = int(flags.sum())
+        examples += [dataset.samples[i][0] for i in flags.nonzero().flatten().tolist()[:3]]
+    if not counts:
+        return {}
+    total = sum(counts.values())
+    if total > job.unreadable_reported:
+        log.warning("%d unreadable image file(s) skipped so far (train %d, val %d; each replaced by the next "
+                    "readable sample), e.g. %s; data.strict=true makes them an error", total, counts.get("train", 0),
+                    counts.get("val", 0), ", ".join(examples[:3]))
+        job.unreadable_reported = total
+    return {"data/unreadable_images": float(total)}
 
 
 def evaluate_all(job: Job) -> dict[str, float]:
@@ -467,24 +660,35 @@ def evaluate_all(job: Job) -> dict[str, float]:
     return {f"{prefix}/{k}": v for prefix, res in results.items() for k, v in res.items() if k != "num_samples"}
 
 
-def save_checkpoint(job: Job, epoch: int, metrics: dict[str, float], is_best: bool) -> list[str]:
+def save_checkpoint(job: Job, epoch: int, metrics: dict[str, float], is_best: bool, *, step: int = 0,
+                    data_rng: Optional[dict[str, Any]] = None,
+                    partial: Optional[dict[str, float]] = None) -> list[str]:
     """Gather every rank's RNG snapshot and replica digest (a collective), then rank 0 writes the checkpoint.
-    Returns the digests, one per rank: they differ only if DDP replicas drifted apart, which is logged as an error."""
-    per_rank = all_gather_object({"global": get_rng_state(), "data": get_loader_rng_state(job.train_loader),
-                                  "digest": replica_digest(job.model)})
+    Returns the digests, one per rank: they differ only if DDP replicas drifted apart, which is logged as an error.
+
+    ``epoch`` counts completed epochs; ``step > 0`` makes it a mid-epoch checkpoint ``step`` updates into the next
+    epoch, with ``data_rng`` (the data-order generators at that epoch's start) and ``partial`` (this rank's running
+    sums) to resume from."""
+    per_rank = all_gather_object({"global": get_rng_state(),
+                                  "data": data_rng if data_rng is not None else get_loader_rng_state(job.train_loader),
+                                  "partial": partial, "digest": replica_digest(job.model)})
     digests = [entry.pop("digest") for entry in per_rank]
+    partials = [entry.pop("partial") for entry in per_rank]
     if len(set(digests)) > 1:
-        log.error("model replicas differ across ranks after epoch %d: %s", epoch, digests)
+        log.error("model replicas differ across ranks after epoch %d step %d: %s", epoch, step, digests)
     if job.dist.is_main:
-        job.checkpoints.save({
+        path = job.checkpoints.save({
             **capture_training_state(model=job.model, ema=job.ema, optimizer=job.optimizer,
                                      scheduler=job.scheduler, scaler=job.scaler),
-            "epoch": epoch, "global_step": job.num_updates, "best_top1": job.best["top1"],
+            "epoch": epoch, "step_in_epoch": step, "global_step": job.num_updates, "best_top1": job.best["top1"],
             "best_epoch": job.best["epoch"], "metrics": metrics, "model_name": job.cfg.model.name,
             "config": job.resolved, "derived": job.derived, "rng": per_rank,
-        }, epoch=epoch, is_best=is_best)
+            "partial_epoch": partials if step else None,
+        }, epoch=epoch, step=step, is_best=is_best)
+        if step:
+            log.info("checkpoint %s (%d updates into epoch %d, update %d)", path, step, epoch + 1, job.num_updates)
     return digests
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

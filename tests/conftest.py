@@ -128,3 +128,28 @@ def fw() -> SimpleNamespace:
     return SimpleNamespace(REPO=REPO, CONF=CONF, run_script=run_script, compose_train=compose_train,
                            fast_train_args=fast_train_args, synthetic_args=synthetic_args,
                            tracking_args=tracking_args, mlflow_runs=mlflow_runs)
+
+
+# ---- reliability tests (tests/test_reliability.py): scripts run in the background, to be signalled or killed ----
+def spawn_script(args: list[str], cwd: Path, log_path: Path, *, torchrun_nproc: int = 0,
+                 extra_launcher_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Like :func:`run_script`, but returns at once: stdout+stderr go to ``log_path`` (a file, so a chatty process
+    never blocks on a full pipe). The caller owns the process: wait for it, signal it or kill it. It leads a process
+    group of its own (``os.killpg(proc.pid, ...)`` also ends torchrun's workers and DataLoader workers)."""
+    script, *overrides = args
+    launcher = [sys.executable]
+    if torchrun_nproc:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}",
+                     *extra_launcher_args]
+    out = open(log_path, "w")  # noqa: SIM115 - closed when the process is reaped, by the child's exit
+    try:
+        return subprocess.Popen([*launcher, str(REPO / script), *overrides], cwd=cwd, env=script_env(),
+                                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finally:
+        out.close()  # the child holds its own copy of the descriptor
+
+
+@pytest.fixture(scope="session")
+def spawn():
+    """:func:`spawn_script` for the tests."""
+    return spawn_script

@@ -7,11 +7,16 @@ Our format is a plain dict that ``torch.load(weights_only=True)`` reads (tensors
     model_ema     state_dict of the EMA copy, or None
     optimizer, scheduler, scaler   their state_dicts (scaler None without a GradScaler)
     epoch         epochs completed (resume starts at this epoch index)
+    step_in_epoch optimizer updates done in epoch index ``epoch`` (0 at an epoch boundary; > 0 in a mid-epoch
+                  checkpoint, written every ``checkpoint_every_steps`` updates or on preemption)
     global_step   optimizer updates completed
     best_top1, best_epoch, metrics  best non-EMA val top-1 so far and the last evaluation
     model_name    registry name;  config: the resolved run config (plain dict)
     derived       values computed from config and machine: global_batch, lr, world_size, steps_per_epoch
-    rng           per-rank RNG snapshots (list indexed by rank): python/numpy/torch and the data-order generators
+    rng           per-rank RNG snapshots (list indexed by rank): ``global`` python/numpy/torch(/cuda) at the save,
+                  ``data`` the data-order generators as they were when epoch ``epoch``'s pass over the data began
+    partial_epoch per-rank running sums of a mid-epoch checkpoint (epoch loss, skipped updates, log window),
+                  so the resumed epoch reports the same averages as an uninterrupted one; None at a boundary
 
 :func:`load_checkpoint` reads our files for auto-resume (exact, strict); :func:`load_weights` is the single entry
 point that puts the weights of a checkpoint file of any supported format into a model (validate.py, init_from).
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "visionmamba/1"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?\.pth$")
+# atomic_save's temporary files: ".<name>.tmp<pid>"; a kill -9 during a write leaves one behind
+_TEMP_FILE = re.compile(r"^\.(?:epoch_\d+(?:_step_\d+)?|best)\.pth\.tmp\d+$")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -197,9 +204,12 @@ def restore_training_state(state: dict[str, Any], *, model: nn.Module, ema: Any,
 class CheckpointManager:
     """Rotating checkpoints of one run in ``directory``.
 
-    Files: ``epoch_NNNN.pth`` after each saved epoch (NNNN = epochs completed); the newest ``keep_last`` are kept,
-    plus every ``save_every``-th epoch for good; ``best.pth`` holds the state with the best non-EMA val top-1.
-    Only global rank 0 calls :meth:`save`; every rank may call :meth:`find_latest` on a shared filesystem.
+    Files: ``epoch_NNNN.pth`` after each saved epoch (NNNN = epochs completed) and, within an epoch,
+    ``epoch_NNNN_step_SSSSSS.pth`` (NNNN epochs completed, SSSSSS optimizer updates done in the next one; written
+    every ``checkpoint_every_steps`` updates or on preemption). They sort by (epoch, step); the newest ``keep_last``
+    of them are kept, plus every ``save_every``-th epoch-end file for good; ``best.pth`` holds the state with the
+    best non-EMA val top-1. Only global rank 0 calls :meth:`save`; every rank may call :meth:`find_latest` on a
+    shared filesystem.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, save_every: int = 0):
@@ -213,12 +223,13 @@ class CheckpointManager:
     def best_path(self) -> Path:
         return self.directory / "best.pth"
 
-    def epoch_path(self, epoch: int) -> Path:
-        return self.directory / f"epoch_{epoch:04d}.pth"
+    def epoch_path(self, epoch: int, step: int = 0) -> Path:
+        """``epoch_NNNN.pth`` at an epoch boundary, ``epoch_NNNN_step_SSSSSS.pth`` ``step`` updates into the next."""
+        return self.directory / (f"epoch_{epoch:04d}.pth" if step == 0 else f"epoch_{epoch:04d}_step_{step:06d}.pth")
 
-    def save(self, state: dict[str, Any], *, epoch: int, is_best: bool) -> Path:
+    def save(self, state: dict[str, Any], *, epoch: int, is_best: bool, step: int = 0) -> Path:
         state = {"format": CHECKPOINT_FORMAT, **state}
-        path = atomic_save(state, self.epoch_path(epoch))
+        path = atomic_save(state, self.epoch_path(epoch, step))
         if is_best:
             atomic_save(state, self.best_path)
         self._prune()
@@ -238,10 +249,25 @@ class CheckpointManager:
     def _prune(self) -> None:
         files = self.list_epoch_files()
         for path in files[:-self.keep_last]:
-            epoch = int(_EPOCH_FILE.match(path.name).group(1))
-            if self.save_every and epoch % self.save_every == 0:
+            match = _EPOCH_FILE.match(path.name)
+            epoch, step = int(match.group(1)), int(match.group(2) or 0)
+            if self.save_every and step == 0 and epoch % self.save_every == 0:
                 continue  # a permanent "every N epochs" snapshot
             path.unlink(missing_ok=True)
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temporary files of writes that a kill -9 or a power loss cut short (they are never read:
+        the rename that would have published them did not happen). Call on rank 0 before training starts."""
+        removed = []
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if _TEMP_FILE.match(path.name):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        if removed:
+            log.warning("removed %d unfinished checkpoint write(s) of an earlier process: %s", len(removed),
+                        ", ".join(p.name for p in removed))
+        return removed
 
     def find_latest(self) -> Optional[tuple[Path, dict[str, Any]]]:
         """Newest checkpoint that loads: ``(path, state)``, or None. Unreadable newer files are skipped loudly."""

@@ -87,6 +87,13 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
         kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=timeout_min)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # eager NCCL init: a broken fabric fails here, not at the first all-reduce
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0:
+            # torchrun --max-restarts: the agent keeps one TCPStore across restart rounds and the workers' keys carry
+            # no round number, so restarted ranks would read the dead round's gloo/NCCL addresses and fail to
+            # connect (pytorch/pytorch#167288). A per-round key prefix keeps the rounds apart.
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=kwargs["timeout"]))
+            kwargs["store"] = dist.PrefixStore(f"visionmamba/restart_{restart}", store)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
         log.info("process group up: backend=%s world_size=%d", backend, world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)

@@ -74,18 +74,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class _Progress:
     """Rank-0 progress: a tqdm bar on a terminal, otherwise one log line every ``log_every`` steps (files, SLURM)."""
 
-    def __init__(self, total: int, desc: str, mode: str):
+    def __init__(self, total: int, desc: str, mode: str, initial: int = 0):
         if mode not in ("auto", "bar", "line", "none"):
             raise ValueError(f"progress must be auto, bar, line or none, got {mode!r}")
         self.enabled = is_main_process() and mode != "none"
         self.use_bar = self.enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
-        self.total, self.desc = total, desc
+        self.total, self.desc, self.initial = total, desc, initial  # initial: steps done before a resume
         self.start = time.perf_counter()
         self.bar = None
         if self.use_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False,
+                            file=sys.stderr)
 
     def step(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -98,7 +99,7 @@ class _Progress:
             self.bar.set_postfix(fields, refresh=False)
             return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
+        eta = elapsed / max(done - self.initial, 1) * (self.total - done)
         body = "  ".join(f"{k} {v}" for k, v in fields.items())
         log.info("%s [%d/%d] eta %s  %s", self.desc, done, self.total, format_duration(eta), body)
 
@@ -129,6 +130,10 @@ def train_one_epoch(
     on_log: Optional[Callable[[dict[str, float], int], None]] = None,
     progress: str = "auto",
     desc: Optional[str] = None,
+    start_step: int = 0,
+    resume_totals: Optional[dict[str, float]] = None,
+    stop_requested: Optional[Callable[[], bool]] = None,
+    on_step_end: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns epoch averages and the new ``num_updates`` (optimizer steps so far).
 
@@ -145,6 +150,18 @@ def train_one_epoch(
             finite; ``stop`` raises :class:`NonFiniteLossError`. Both are decided by an all-reduce, so every rank
             takes the same branch and DDP never hangs. ``max_consecutive_nonfinite`` skips in a row also stop.
         on_log: called every ``log_every`` updates (and at the end) with global metrics and ``num_updates``.
+        start_step: resume an interrupted epoch after this many updates. The first ``start_step * accum_steps``
+            batches are skipped without loading them when the loader has ``skip_next_batches``
+            (:class:`~visionmamba.data.ResumableDataLoader`); other loaders are read and discarded (the position is
+            right, but the augmentation draws of the discarded batches are spent).
+        resume_totals: the ``totals`` of the ``on_step_end`` call the epoch is resumed from: the epoch averages
+            and log windows then come out as in an uninterrupted epoch.
+        stop_requested: polled once per update on every rank (e.g. "a preemption signal arrived"); the answers
+            travel in the per-step all-reduce, so when any rank says yes, all ranks stop after the same update.
+        on_step_end: called on every rank after every update with ``{"step": updates done in this epoch,
+            "num_updates", "stop": the collective stop decision, "totals": the running sums to resume from}``,
+            e.g. to write a mid-epoch checkpoint (a collective callback is fine: all ranks call it together).
+            After a ``stop`` the epoch ends early and the result has ``stopped=True``.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -155,21 +172,30 @@ def train_one_epoch(
     steps = len(loader) // accum_steps
     if steps == 0:
         raise ValueError(f"the train loader has {len(loader)} batches per rank, fewer than accum_steps={accum_steps}")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step={start_step} is outside this epoch's {steps} updates")
     # no_sync skips DDP's gradient all-reduce on the micro-steps whose gradients are only accumulated.
     no_sync = getattr(model, "no_sync", None)
 
-    bar = _Progress(steps, desc or f"epoch {epoch}", progress)
-    loss_total = torch.zeros((), dtype=torch.float64)  # epoch sums on the host, reduced once at the end
-    loss_count = 0
-    window = torch.zeros(3, dtype=torch.float64)  # (loss sum, loss count, images) since the last log line
+    bar = _Progress(steps, desc or f"epoch {epoch}", progress, initial=start_step)
+    resumed = resume_totals or {}
+    # epoch sums on the host, reduced once at the end
+    loss_total = torch.tensor(float(resumed.get("loss_sum", 0.0)), dtype=torch.float64)
+    loss_count = int(resumed.get("loss_count", 0))
+    # (loss sum, loss count, images) since the last log line
+    window = torch.tensor([float(resumed.get("window_loss_sum", 0.0)), float(resumed.get("window_loss_count", 0.0)),
+                           0.0], dtype=torch.float64)
     window_start = time.perf_counter()
     epoch_start = window_start
     images_seen = 0
-    skipped = consecutive_skipped = 0
+    skipped = int(resumed.get("skipped", 0))
+    consecutive_skipped = int(resumed.get("consecutive_skipped", 0))
     grad_norm = None
-    data_iter = iter(loader)
+    stopped = False
+    steps_done = start_step
+    data_iter = iter(()) if start_step == steps else _iter_from(loader, start_step * accum_steps)
 
-    for step in range(steps):
+    for step in range(start_step, steps):
         step_loss = torch.zeros((), device=device)
         step_images = 0
         for micro in range(accum_steps):
@@ -197,12 +223,14 @@ def train_one_epoch(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
         # Non-finite check, agreed by all ranks in one all-reduce (this is also the step's only host sync).
         # A non-finite grad norm under a GradScaler is ordinary fp16 overflow: the scaler skips that step itself.
+        # The third entry carries this rank's stop request (preemption), so the ranks agree on it for free.
         flags = torch.stack([
             (~torch.isfinite(step_loss)).float(),
             (~torch.isfinite(grad_norm)).float() if grad_norm is not None and scaler is None
             else torch.zeros((), device=device),
+            torch.full((), float(bool(stop_requested is not None and stop_requested())), device=device),
         ])
-        bad_loss, bad_norm = all_reduce(flags, "sum").tolist()
+        bad_loss, bad_norm, stop = all_reduce(flags, "sum").tolist()
         if bad_loss or bad_norm:
             skipped += 1
             consecutive_skipped += 1
@@ -258,6 +286,15 @@ def train_one_epoch(
             })
             window.zero_()
             window_start = time.perf_counter()
+        steps_done = step + 1
+        if on_step_end is not None:
+            on_step_end({"step": steps_done, "num_updates": num_updates, "stop": bool(stop), "totals": {
+                "loss_sum": float(loss_total), "loss_count": loss_count, "skipped": skipped,
+                "consecutive_skipped": consecutive_skipped, "window_loss_sum": float(window[0]),
+                "window_loss_count": float(window[1])}})
+        if stop:
+            stopped = True
+            break
     bar.close()
 
     epoch_time = time.perf_counter() - epoch_start
@@ -269,7 +306,25 @@ def train_one_epoch(
         "epoch_time_s": epoch_time,
         "skipped_steps": float(skipped),
         "num_updates": num_updates,
+        "steps_done": steps_done,
+        "stopped": stopped,
     }
+
+
+def _iter_from(loader: Iterable, num_batches: int):
+    """An iterator over ``loader`` that starts after its first ``num_batches`` batches."""
+    if num_batches == 0:
+        return iter(loader)
+    skip = getattr(loader, "skip_next_batches", None)
+    if skip is not None:
+        skip(num_batches)
+        return iter(loader)
+    log.warning("the loader cannot skip batches without loading them: reading and discarding %d batches",
+                num_batches)
+    data_iter = iter(loader)
+    for _ in range(num_batches):
+        next(data_iter)
+    return data_iter
 
 
 @torch.no_grad()

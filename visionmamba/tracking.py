@@ -99,10 +99,13 @@ class Tracker:
                 self._client.set_terminated(self.run_id, status=status)
             except Exception as exc:  # noqa: BLE001 - tracking must never end the job
                 self._report(exc)
-        undelivered = len(self._pending_metrics) + len(self._pending_params) + len(self._pending_artifacts)
-        if undelivered or self._dropped:
-            log.warning("MLflow: %d metric values, params or artifacts could not be delivered to %s "
-                        "(%d more dropped while buffering)", undelivered, self.tracking_uri, self._dropped)
+        metrics, params = len(self._pending_metrics), len(self._pending_params) + len(self._pending_tags)
+        artifacts = len(self._pending_artifacts)
+        if metrics or params or artifacts or self._dropped:
+            log.warning("MLflow: %d metric values, %d params/tags and %d artifacts could not be delivered to %s "
+                        "(%d more metric values dropped while buffering); the run directory keeps the checkpoints, "
+                        "final_metrics.json and train.log", metrics, params, artifacts, self.tracking_uri,
+                        self._dropped)
 
     # ---- logging ---------------------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -122,6 +125,10 @@ class Tracker:
         self._pending_metrics.extend((k, float(v), now, int(step)) for k, v in metrics.items())
         overflow = len(self._pending_metrics) - _MAX_PENDING
         if overflow > 0:
+            if not self._dropped:
+                log.warning("MLflow: %d metric values are buffered for %s, the most kept: dropping the oldest from "
+                            "now on (counted; the total is reported when the run ends)", _MAX_PENDING,
+                            self.tracking_uri)
             del self._pending_metrics[:overflow]
             self._dropped += overflow
         self._flush()

@@ -5,7 +5,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .datasets import DATASET_NAMES, SafeImageFolder, SyntheticDataset, build_dataset, check_imagefolder
 from .digits import prepare_digits
 from .errors import CorruptImageError, CorruptImageWarning, DatasetError
-from .loader import build_loader, set_sampler_epoch
+from .loader import ResumableDataLoader, build_loader, set_sampler_epoch
 from .mixup import build_mixup
 from .samplers import DistributedEvalSampler, RASampler
 from .transforms import build_transform
@@ -19,6 +19,7 @@ __all__ = [
     "DatasetError",
     "DistributedEvalSampler",
     "RASampler",
+    "ResumableDataLoader",
     "SafeImageFolder",
     "SyntheticDataset",
     "build_dataset",

@@ -74,6 +74,11 @@ class SafeImageFolder(ImageFolder):
         """Paths of the unreadable files found so far."""
         return [self.samples[i][0] for i in self._bad_flags.nonzero().flatten().tolist()]
 
+    def bad_file_flags(self) -> torch.Tensor:
+        """A copy of the per-sample flags (N,) uint8, 1 = unreadable: all-reduce them with ``max`` for the job's
+        distinct count under DDP (a file that several ranks hit then counts once)."""
+        return self._bad_flags.clone()
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         num_samples = len(self.samples)
         for offset in range(num_samples):

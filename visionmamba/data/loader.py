@@ -1,8 +1,10 @@
-"""DataLoader factory: sampler choice, drop_last, worker seeding."""
+"""DataLoader factory: sampler choice, drop_last, worker seeding, mid-epoch resume."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import signal
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,65 @@ _logger = logging.getLogger(__name__)
 
 # Offsets the augmentation seed of each rank; large and odd so that (seed, rank) pairs never collide in practice.
 _RANK_SEED_STRIDE = 1_000_003
+
+# Signals that ask the training process to checkpoint and exit (visionmamba.preemption). A scheduler may send them
+# to every process of the job, DataLoader workers included; a worker killed by them would crash the main process's
+# next fetch before it can save. Workers therefore ignore them and end when the main process shuts them down.
+_PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    for signum in _PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class _SkipFirstBatches:
+    """The loader's batch sampler, of which the next pass (only) drops its first ``skip`` batches.
+
+    The skipped batches' indices are still drawn, so the sampler consumes its generator exactly as in a full pass
+    and the remaining batches are the ones an uninterrupted pass would yield; nothing is loaded for them.
+    """
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+        self.skip = 0
+
+    def __iter__(self):
+        # A generator: the skip is taken at the first next(), not by iter(). A multi-worker DataLoader iterator
+        # calls iter() twice when it is created and drops the first result unused.
+        skip, self.skip = self.skip, 0
+        yield from itertools.islice(iter(self.batch_sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # the full pass: callers count steps from the epoch's start
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose next pass can start after its first ``n`` batches (mid-epoch resume).
+
+    ``len()``, ``.sampler`` and ``.batch_sampler`` are those of a plain DataLoader; :meth:`skip_next_batches`
+    affects only the next ``iter()`` (persistent workers included). Restore the sampler/loader generators to
+    their state at the start of the interrupted epoch first, and the pass continues exactly where it stopped.
+    """
+
+    def skip_next_batches(self, num_batches: int) -> None:
+        if num_batches < 0:
+            raise ValueError(f"num_batches must be >= 0, got {num_batches}")
+        self._skipping_sampler().skip = num_batches
+
+    def _skipping_sampler(self) -> _SkipFirstBatches:
+        base = super()._index_sampler
+        wrapper = self.__dict__.get("_skip_wrapper")
+        if wrapper is None or wrapper.batch_sampler is not base:
+            wrapper = _SkipFirstBatches(base)
+            self.__dict__["_skip_wrapper"] = wrapper
+        return wrapper
+
+    @property
+    def _index_sampler(self):
+        # DataLoader's hook for "where the indices come from" (its iterators read it once, at creation; persistent
+        # workers keep that object, which is why the wrapper is one object whose skip applies once).
+        return self._skipping_sampler()
 
 
 def build_loader(
@@ -62,7 +123,8 @@ def build_loader(
         drop_last: Drop the last incomplete batch; None means ``is_training``.
 
     Returns:
-        The DataLoader; ``loader.sampler`` is the sampler chosen above.
+        A :class:`ResumableDataLoader`; ``loader.sampler`` is the sampler chosen above. Its workers ignore
+        SIGTERM/SIGUSR1 (the main process handles them, see :mod:`visionmamba.preemption`).
 
     Raises:
         RuntimeError: ``distributed=True`` but ``torch.distributed`` is not initialized.
@@ -92,8 +154,9 @@ def build_loader(
 
     worker_kwargs = {}
     if num_workers > 0:
-        worker_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor}
-    return DataLoader(
+        worker_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
+                         "worker_init_fn": _ignore_preemption_signals}
+    return ResumableDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

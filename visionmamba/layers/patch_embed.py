@@ -14,9 +14,16 @@ class PatchEmbed(nn.Module):
                  embed_dim: int = 192):
         super().__init__()
         self.img_size, self.patch_size, self.stride = img_size, patch_size, stride
+        self.check_img_size(img_size)
         self.grid = grid_size(img_size, patch_size, stride)
         self.num_patches = self.grid * self.grid
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def check_img_size(self, img_size: int) -> None:
+        """ValueError for images that do not hold one whole patch (the conv would fail at the first forward)."""
+        if img_size < self.patch_size:
+            raise ValueError(f"img_size={img_size} is smaller than one patch ({self.patch_size} px): "
+                             f"this model needs images of at least {self.patch_size} px")
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> tokens (B, h*w, D) and the token grid (h, w)."""

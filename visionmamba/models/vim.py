@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import BiMambaMixer, Block, LayerwiseShuffle, PatchEmbed, create_norm, register_layout, resize_grid_embed
+from ..layers.patch_embed import grid_size
 from ._registry import register_model
 
 __all__ = ["VisionMamba"]
@@ -103,6 +104,7 @@ class VisionMamba(nn.Module):
         self.use_grad_checkpointing = use_grad_checkpointing
 
         self.patch_embed = PatchEmbed(img_size, patch_size, stride or patch_size, in_chans, embed_dim)
+        self.check_img_size(img_size)
         self.grid = (self.patch_embed.grid, self.patch_embed.grid)
         num_patches = self.patch_embed.num_patches
         has_cls = cls_position != "none"
@@ -164,6 +166,20 @@ class VisionMamba(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {n for n in ("pos_embed", "cls_token", "pos_embed_cls") if hasattr(self, n)}
+
+    def check_img_size(self, img_size: int) -> None:
+        """ValueError when ``img_size`` px images cannot go through the model: smaller than one patch, or too few
+        patches to place the registers between (Mamba-Reg needs at least ``num_registers + 1``)."""
+        embed = self.patch_embed
+        embed.check_img_size(img_size)
+        if self.num_registers:
+            num_patches = grid_size(img_size, embed.patch_size, embed.stride) ** 2
+            if num_patches < self.num_registers + 1:
+                side = math.ceil(math.sqrt(self.num_registers + 1))
+                smallest = embed.patch_size + (side - 1) * embed.stride
+                raise ValueError(f"img_size={img_size} gives {num_patches} patch(es) of {embed.patch_size} px but "
+                                 f"{self.num_registers} registers need at least {self.num_registers + 1}: "
+                                 f"use img_size >= {smallest}")
 
     # ------------------------------------------------------------------ sequence assembly
     def _split_pos_embed(self) -> tuple[Optional[Tensor], Tensor]:

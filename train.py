@@ -39,6 +39,7 @@ from visionmamba.distributed import (DistInfo, all_gather_object, all_reduce, ba
 from visionmamba.engine import NonFiniteLossError, amp_dtype_for, build_criterion, evaluate, train_one_epoch
 from visionmamba.flops import model_complexity
 from visionmamba.models import UnknownModelError, create_model
+from visionmamba.models._pretrained import LoadReport
 from visionmamba.ops import KernelUnavailableError, resolve_backend
 from visionmamba.optim import build_optimizer, build_scheduler, scale_lr
 from visionmamba.preemption import Preempted, PreemptionHandler, exit_code_for
@@ -323,6 +324,7 @@ class Job:
     num_updates: int = 0
     best: dict[str, float] = field(default_factory=lambda: {"top1": float("-inf"), "epoch": -1})
     last_metrics: dict[str, float] = field(default_factory=dict)
+    init_report: Optional[LoadReport] = None  # what init_from loaded, resized and dropped (None without it)
     train_dataset: Any = None
     val_dataset: Any = None
     preemption: Optional[PreemptionHandler] = None
@@ -402,9 +404,10 @@ def build_job(cfg: DictConfig, dist_info: DistInfo) -> Job:
 
     model = build_model(cfg.model)
     check_image_size(model, cfg.data.img_size, cfg.model.name)
+    init_report = None
     if cfg.init_from:  # before the EMA copy is made, which then starts from these weights (as officially)
-        load_weights(model, resolve_checkpoint(cfg.init_from), use_ema=cfg.init_from_ema,
-                     trust_pickle=cfg.trust_checkpoint, drop_mismatched_head=True)
+        init_report = load_weights(model, resolve_checkpoint(cfg.init_from), use_ema=cfg.init_from_ema,
+                                   trust_pickle=cfg.trust_checkpoint, drop_mismatched_head=True)
     model.to(dist_info.device)
     mixup_fn, criterion, ema = build_regularization(cfg.regularizer, model, num_classes=cfg.data.num_classes)
     optimizer, scheduler, derived = build_optimization(cfg, model, world_size=dist_info.world_size,
@@ -416,7 +419,7 @@ def build_job(cfg: DictConfig, dist_info: DistInfo) -> Job:
         optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler_for(cfg, dist_info.device),
         criterion=criterion, mixup_fn=mixup_fn, amp_dtype=amp_dtype_for(cfg.precision), derived=derived,
         checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last, save_every=cfg.save_every),
-        train_dataset=train_dataset, val_dataset=val_dataset,
+        train_dataset=train_dataset, val_dataset=val_dataset, init_report=init_report,
     )
 
 
@@ -509,6 +512,11 @@ def start_tracking(job: Job) -> Tracker:
         "init_from": cfg.init_from, **mlflow_cfg.tags,
     })
     tracker.log_params({**flatten_config(job.resolved), **{f"derived.{k}": v for k, v in job.derived.items()}})
+    if job.init_report is not None:  # the stage hand-over: what was loaded, resized and dropped
+        tracker.set_tags(job.init_report.tags())  # init_from.weights / init_from.resized / init_from.dropped
+        report_path = job.run_dir / "init_from.json"
+        report_path.write_text(json.dumps(job.init_report.as_dict(), indent=2))
+        tracker.log_artifact(report_path)
     if job.start_epoch == 0 and job.start_step == 0:  # once per run; fvcore traces a copy on the run's device
         complexity = model_complexity(job.model, cfg.data.img_size, in_chans=cfg.data.in_chans,
                                       device=job.dist.device)

@@ -34,11 +34,21 @@ def main(cfg: DictConfig) -> None:
 
 def fill_from_run_config(cfg: DictConfig, run_cfg: dict[str, Any] | None) -> None:
     """Complete ``model``/``data`` from the training run's recorded config: every non-null value given on the
-    command line wins, the rest is taken as recorded. Precision and eval batch size default to the run's too."""
+    command line wins, the rest is taken as recorded. A ``data.img_size`` / ``data.num_classes`` given without its
+    ``model.*`` counterpart carries over to the model (as the model files' ``${data.*}`` interpolations do in
+    training), so ``data.img_size=256`` evaluates a model built for 256 px (position embeddings resized on load).
+    Precision and eval batch size default to the run's too."""
     run_cfg = run_cfg or {}
     with open_dict(cfg):
+        given_data: dict[str, Any] = {}
         for group in ("data", "model"):  # data first: model files interpolate ${data.img_size} / ${data.num_classes}
             given = {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items() if v is not None}
+            if group == "data":
+                given_data = given
+            else:
+                for key in ("img_size", "num_classes"):
+                    if key in given_data and key not in given:
+                        given[key] = given_data[key]
             merged = {**run_cfg.get(group, {}), **given}
             if not merged.get("name"):
                 raise ConfigError(f"{cfg.checkpoint} records no {group} config: pass {group}=NAME")
@@ -65,7 +75,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
                            progress=cfg.progress, desc="validate")
         summary = {
             "checkpoint": str(Path(cfg.checkpoint).resolve()), "weights": report.weights, "format": info["format"],
-            "model": cfg.model.name, "epoch": info["epoch"], **metrics,
+            "model": cfg.model.name, "epoch": info["epoch"], "resized": report.resized, **metrics,
             "dataset": cfg.data.name, "root": cfg.data.get("root"), "img_size": cfg.data.img_size,
             "crop_pct": cfg.data.crop_pct, "precision": cfg.precision, "batch_size": cfg.batch_size,
             "world_size": dist_info.world_size,

@@ -59,7 +59,9 @@ def collect(client, experiment_name: str, sweep: str | None) -> list[dict[str, A
 
 
 def swept_params(rows: list[dict[str, Any]]) -> list[str]:
-    """Parameters whose value differs between runs (the sweep axes)."""
+    """Parameters whose value differs between runs (the sweep axes). A parameter that only mirrors another one
+    (``model.shuffle_rate`` resolved from ``${regularizer.shuffle.rate}``) is shown once, under the name that was
+    swept rather than the model's copy."""
     keys = set().union(*(r["params"] for r in rows)) if rows else set()
     varying = []
     for key in sorted(keys):
@@ -67,7 +69,13 @@ def swept_params(rows: list[dict[str, Any]]) -> list[str]:
             continue
         if len({r["params"].get(key) for r in rows}) > 1:
             varying.append(key)
-    return varying
+    kept, seen = [], set()
+    for key in sorted(varying, key=lambda k: (k.startswith("model."), k)):
+        values = tuple(r["params"].get(key) for r in rows)
+        if values not in seen:
+            seen.add(values)
+            kept.append(key)
+    return sorted(kept)
 
 
 def _as_number(value: str | None) -> float | None:

@@ -16,6 +16,7 @@ auto-resume), so a crashed or preempted multi-week recipe continues where it sto
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -53,19 +54,24 @@ def _override_value(overrides: list[str], key: str, default: str) -> str:
 
 def stage_commands(recipe: str, stages: list[dict], args, extra: list[str]) -> list[tuple[str, Path, list[str]]]:
     output_dir = Path(_override_value(extra, "output_dir", "outputs"))
-    launcher = [sys.executable, str(ROOT / "train.py")]
-    if args.nproc_per_node > 1 or args.nnodes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}",
-                    f"--nnodes={args.nnodes}"]
-        if args.nnodes > 1:
-            launcher += [f"--node_rank={args.node_rank}", "--rdzv_backend=c10d",
-                         f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id or recipe}"]
-        launcher.append(str(ROOT / "train.py"))
+
+    def launcher(stage_name: str) -> list[str]:
+        if args.nproc_per_node <= 1 and args.nnodes <= 1:
+            return [sys.executable, str(ROOT / "train.py")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}",
+               f"--nnodes={args.nnodes}"]
+        if args.nnodes > 1:  # one rendezvous per stage: a stage never joins the previous stage's group
+            cmd += [f"--node_rank={args.node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
+                    f"--rdzv_id={args.rdzv_id or recipe}-{stage_name}"]
+        else:
+            cmd.append("--standalone")
+        return cmd + [str(ROOT / "train.py")]
+
     commands, previous = [], None
     for stage in stages:
         run_name = f"{recipe}-{stage['name']}"
-        cmd = launcher + [f"experiment={stage['experiment']}", f"run_name={run_name}",
-                          f"+mlflow.tags.recipe={recipe}", f"+mlflow.tags.stage={stage['name']}"]
+        cmd = launcher(stage["name"]) + [f"experiment={stage['experiment']}", f"run_name={run_name}",
+                                         f"++mlflow.tags.recipe={recipe}", f"++mlflow.tags.stage={stage['name']}"]
         if stage.get("init_from") == "previous":
             cmd.append(f"init_from={previous}")
         cmd += list(stage.get("overrides") or []) + extra
@@ -86,10 +92,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rdzv-id", default=None)
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args, extra = parser.parse_known_args(argv)
+    for item in extra:
+        if item.lstrip("+~").split("=", 1)[0] in ("run_name", "experiment", "init_from"):
+            parser.error(f"{item}: set per stage by conf/multistage/{args.recipe}.yaml (run names are "
+                         f"<recipe>-<stage>, each stage starts from the previous one); use output_dir= to move them")
     stages = load_recipe(args.recipe)
-    for name, run_dir, cmd in stage_commands(args.recipe, stages, args, extra):
+    commands = stage_commands(args.recipe, stages, args, extra)
+    for name, run_dir, cmd in commands:
         done = (run_dir / "final_metrics.json").is_file()
-        print(f"[{args.recipe}] stage {name}: {'done, skipped' if done else 'running'} ({run_dir})", flush=True)
+        state = "done, skipped" if done else ("would run" if args.dry_run else "running")
+        print(f"[{args.recipe}] stage {name}: {state} ({run_dir})", flush=True)
         if args.dry_run:
             print("  " + shlex.join(cmd))
             continue
@@ -100,6 +112,11 @@ def main(argv=None) -> int:
             print(f"[{args.recipe}] stage {name} failed with exit status {result.returncode}; "
                   "re-run the same command to resume it", file=sys.stderr)
             return result.returncode
+    final = commands[-1][1] / "final_metrics.json"
+    if not args.dry_run and final.is_file():
+        metrics = json.loads(final.read_text())
+        print(f"[{args.recipe}] all {len(commands)} stages done: final model in {commands[-1][1]}/checkpoints "
+              f"(val top-1 {metrics.get('val/top1', float('nan')):.2f} after epoch {metrics.get('epoch')})", flush=True)
     return 0
 
 

@@ -66,6 +66,9 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+_GROUPS_SET_UP = 0  # process groups this process has set up (`torchrun train.py -m`: one per sweep job)
+
+
 def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
@@ -88,13 +91,17 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # eager NCCL init: a broken fabric fails here, not at the first all-reduce
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if restart > 0:
+        global _GROUPS_SET_UP
+        if restart > 0 or _GROUPS_SET_UP > 0:
             # torchrun --max-restarts: the agent keeps one TCPStore across restart rounds and the workers' keys carry
             # no round number, so restarted ranks would read the dead round's gloo/NCCL addresses and fail to
             # connect (pytorch/pytorch#167288). A per-round key prefix keeps the rounds apart.
+            # The same holds for a Hydra sweep under torchrun (`train.py -m`): every job sets up a new group in
+            # the same processes on the same store, so each one gets its own prefix too (all ranks count alike).
             store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=kwargs["timeout"]))
-            kwargs["store"] = dist.PrefixStore(f"visionmamba/restart_{restart}", store)
+            kwargs["store"] = dist.PrefixStore(f"visionmamba/restart_{restart}/group_{_GROUPS_SET_UP}", store)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        _GROUPS_SET_UP += 1
         log.info("process group up: backend=%s world_size=%d", backend, world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 

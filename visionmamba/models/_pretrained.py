@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 # Prefixes added by wrappers: DDP ("module."), torch.compile ("_orig_mod."), timm EMA v3 ("module." as well).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# How a position embedding of another grid is resized (see _adapt_pos_embed).
+POS_EMBED_MODES = ("exact", "official")
 # Where each checkpoint flavour keeps the raw and the EMA weights.
 _RAW_KEYS = ("model", "state_dict", "model_state_dict")
 _EMA_KEYS = ("model_ema", "ema", "state_dict_ema", "ema_state_dict")
@@ -43,6 +45,7 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"loaded {self.weights} weights from {self.source}"]
@@ -51,6 +54,17 @@ class LoadReport:
             if values:
                 parts.append(f"{name}: {', '.join(values)}")
         return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (JSON / an MLflow artifact)."""
+        return {"source": self.source, "weights": self.weights, "resized": list(self.resized),
+                "dropped": list(self.dropped), "missing": list(self.missing), "unexpected": list(self.unexpected),
+                "mismatched": list(self.mismatched)}
+
+    def tags(self, prefix: str = "init_from.") -> dict[str, str]:
+        """What the hand-over changed, as MLflow tags (``none`` when nothing was resized / dropped)."""
+        return {f"{prefix}weights": self.weights, f"{prefix}resized": "; ".join(self.resized) or "none",
+                f"{prefix}dropped": "; ".join(self.dropped) or "none"}
 
 
 def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Any:
@@ -114,9 +128,17 @@ def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return sd
 
 
-def _adapt_pos_embed(value: Tensor, model: nn.Module, report: LoadReport) -> Tensor:
-    """Resize a plain-sequence model's pos_embed (1, N' + extra, D) to the model's grid, keeping the cls row
-    where the model's layout puts it (middle for Vim, first for ShuffleMamba, none for registers)."""
+def _adapt_pos_embed(value: Tensor, model: nn.Module, report: LoadReport, mode: str = "exact") -> Tensor:
+    """Resize a plain-sequence model's pos_embed (1, N' + extra, D) to the model's grid (bicubic, as the official
+    ``--finetune`` code), keeping the cls row where the model's layout puts it (middle for Vim, first for
+    ShuffleMamba, none for registers: their ``pos_embed_cls`` is copied unchanged and the register layout follows
+    the new grid at run time).
+
+    ``mode="official"`` reproduces the official fine-tuning code for the middle-cls Vim (spec §4.6 "Vim quirk"): it
+    keeps row 0 (the embedding of patch (0,0)) as the "extra token" and interpolates rows 1.. (which include the
+    cls row) as the grid — what the published Vim-T+/S+ stride-8 fine-tunes started from. Other layouts resize the
+    same way in both modes.
+    """
     target = model.pos_embed
     if value.shape == target.shape:
         return value
@@ -126,29 +148,35 @@ def _adapt_pos_embed(value: Tensor, model: nn.Module, report: LoadReport) -> Ten
     side = int(round(old_n ** 0.5))
     if side * side != old_n or value.shape[-1] != target.shape[-1]:
         return value  # not a square grid of this layout: reported as a shape mismatch by the caller
-    if cls_position == "middle":
+    quirk = mode == "official" and cls_position == "middle"
+    if quirk:  # row 0 kept, rows 1.. (patches 1..N-1 and the cls row) treated as the grid
+        cls_row, patches = value[:, :1], value[:, 1:]
+    elif cls_position == "middle":
         mid = old_n // 2
         cls_row, patches = value[:, mid:mid + 1], torch.cat([value[:, :mid], value[:, mid + 1:]], 1)
     elif cls_position == "head":
         cls_row, patches = value[:, :1], value[:, 1:]
     else:
         cls_row, patches = None, value
-    patches = resize_grid_embed(patches, (side, side), model.grid)  # bicubic, as the official hand-over
+    patches = resize_grid_embed(patches, (side, side), model.grid)  # bicubic, align_corners=False
     if cls_row is None:
         out = patches
-    elif cls_position == "middle":
+    elif cls_position == "middle" and not quirk:
         mid = patches.shape[1] // 2
         out = torch.cat([patches[:, :mid], cls_row, patches[:, mid:]], 1)
     else:
         out = torch.cat([cls_row, patches], 1)
-    report.resized.append(f"pos_embed {side}x{side}->{model.grid[0]}x{model.grid[1]}")
+    report.resized.append(f"pos_embed {side}x{side}->{model.grid[0]}x{model.grid[1]}"
+                          + (" (official Vim row order)" if quirk else ""))
     return out
 
 
 def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, report: LoadReport, *,
-                     drop_mismatched_head: bool = True) -> dict[str, Tensor]:
+                     drop_mismatched_head: bool = True, pos_embed_mode: str = "exact") -> dict[str, Tensor]:
     """Make a foreign state_dict fit ``model``: resize position embeddings, drop a mismatched classifier (and
     the Reg neck when the register reduction differs), and fail with the full list of what does not fit."""
+    if pos_embed_mode not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed_mode must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed_mode!r}")
     own = model.state_dict()
     out: dict[str, Tensor] = {}
     mismatched = []
@@ -157,7 +185,7 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, report:
             report.unexpected.append(key)
             continue
         if key == "pos_embed" and hasattr(model, "grid"):
-            value = _adapt_pos_embed(value, model, report)
+            value = _adapt_pos_embed(value, model, report, pos_embed_mode)
         if value.shape != own[key].shape:
             is_head = key in HEAD_KEYS or key in ("neck.weight", "norm_neck.weight")
             if drop_mismatched_head and is_head:
@@ -166,8 +194,9 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, report:
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
             continue
         out[key] = value
-    dropped_keys = {d.split(" ")[0] for d in report.dropped}
-    report.missing = [k for k in own if k not in out and k not in dropped_keys]
+    # missing: not in the file at all (a key of another shape is listed once, as a shape mismatch)
+    report.missing = [k for k in own if k not in state_dict]
+    report.mismatched = mismatched
     if mismatched or report.unexpected or report.missing:
         model_name = getattr(model, "model_name", type(model).__name__)
         lines = [f"checkpoint {report.source} does not fit model {model_name}:"]
@@ -185,16 +214,18 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, report:
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = False, trust_pickle: bool = False,
-                    drop_mismatched_head: bool = True, checkpoint: Optional[Any] = None) -> LoadReport:
+                    drop_mismatched_head: bool = True, checkpoint: Optional[Any] = None,
+                    pos_embed_mode: str = "exact") -> LoadReport:
     """Load weights from any supported checkpoint file into ``model`` (strictly, after adaptation).
 
     Dropped heads are reported (the caller decides whether that is expected, e.g. fine-tuning on a new label
-    set); the new head keeps its fresh initialisation.
+    set); the new head keeps its fresh initialisation. ``pos_embed_mode``: see :func:`_adapt_pos_embed`.
     """
     obj = checkpoint if checkpoint is not None else read_checkpoint(path, trust_pickle=trust_pickle)
     state_dict, which = extract_state_dict(obj, use_ema=use_ema)
     report = LoadReport(source=os.fspath(path), weights=which)
-    adapted = adapt_state_dict(state_dict, model, report, drop_mismatched_head=drop_mismatched_head)
+    adapted = adapt_state_dict(state_dict, model, report, drop_mismatched_head=drop_mismatched_head,
+                               pos_embed_mode=pos_embed_mode)
     own = model.state_dict()
     for key in report.dropped:
         adapted[key.split(" ")[0]] = own[key.split(" ")[0]]

@@ -176,18 +176,9 @@ class LocalMambaMixer(nn.Module):
 
 
 # ---------------------------------------------------------------------- LocalVim
-def _segm_init_weights(m: nn.Module) -> None:
-    """LocalVim's ``segm_init_weights`` (applied to the whole model): Linear trunc_normal(0.02) and bias 0 —
-    which also resets every dt_proj — and LayerNorm 1/0. Convolutions keep PyTorch's default init."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        if m.weight is not None:
-            nn.init.ones_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+# LocalVim's ``segm_init_weights`` (applied to the whole model) is VMamba's init: Linear trunc_normal(0.02) and
+# bias 0 — which also resets every dt_proj — and LayerNorm 1/0; convolutions keep PyTorch's default init.
+_segm_init_weights = VSSM._init_weights
 
 
 class LocalVisionMamba(nn.Module):

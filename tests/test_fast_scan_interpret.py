@@ -25,12 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _adj_combine = None  # set to the kernel's combine function inside the interpreter worker (a @triton.jit global)
 
-# (batch, L, E, N, T, BLOCK_E, noncontiguous, dtype, backward chunks per checkpoint segment, forward prefetch):
+# (batch, L, E, N, T, BLOCK_E, noncontiguous, dtype, backward chunks per checkpoint segment, forward prefetch, impl):
 # odd lengths, a partial last chunk, a single partial chunk, E not a multiple of BLOCK_E, strided (B, L, 2E)-split
-# inputs, several checkpoint segments with a partial last one.
+# inputs, several checkpoint segments with a partial last one. impl "seq" (token-sequential kernels): T is unused and
+# the segment field is the backward chunk length K (several chunks, a partial last one).
 CASES = [
-    (2, 7, 24, 16, 8, 16, False, "float32", 16, False),
-    (2, 65, 32, 16, 8, 16, True, "float32", 2, True),
+    (2, 7, 24, 16, 8, 16, False, "float32", 16, False, "chunk"),
+    (2, 65, 32, 16, 8, 16, True, "float32", 2, True, "chunk"),
+    (2, 37, 24, 16, 0, 16, True, "float32", 8, False, "seq"),
 ]
 
 
@@ -127,14 +129,18 @@ def _check_patched_scan(original):
 def _worker(case_json: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     sys.path.insert(0, str(ROOT))
-    b, L, E, N, T, BE, nonc, dtype, seg, prefetch = json.loads(case_json)
+    b, L, E, N, T, BE, nonc, dtype, seg, prefetch, impl = json.loads(case_json)
     original = _install_fast_interpreter_scan()
     if original is not None:
         _check_patched_scan(original)
     from visionmamba.ops import fast
 
-    fast.CONFIG["fwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, prefetch=prefetch)]
-    fast.CONFIG["bwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, seg=seg)]
+    if impl == "seq":
+        fast.CONFIG["fwd"] = [dict(max_e=1 << 30, impl="seq", BLOCK_E=BE, num_warps=1)]
+        fast.CONFIG["bwd"] = [dict(max_e=1 << 30, impl="seq", BLOCK_E=BE, num_warps=1, K=seg)]
+    else:
+        fast.CONFIG["fwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, prefetch=prefetch)]
+        fast.CONFIG["bwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, seg=seg)]
     assert fast.uses_triton("cpu")
     ins = make_inputs(b, L, E, N, dtype=getattr(torch, dtype), noncontiguous=nonc)
     g = torch.randn(b, L, E, generator=torch.Generator().manual_seed(5)).to(ins[0].dtype)
@@ -159,20 +165,86 @@ def _worker(case_json: str) -> None:
     print("RESULT " + json.dumps(report))
 
 
+def _conv_worker(case_json: str) -> None:
+    """`bimamba_conv` through the custom op and autograd (Triton interpreter) against the F.conv1d reference in fp64."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    sys.path.insert(0, str(ROOT))
+    from visionmamba.ops import fast
+
+    b, L, E, W, block_t, block_e, strided = json.loads(case_json)
+    fast.CONFIG["conv_fwd"] = fast.CONFIG["conv_bwd"] = [dict(max_e=1 << 30, BLOCK_T=block_t, BLOCK_E=block_e,
+                                                              num_warps=1)]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, L, 2 * E, generator=g)[..., :E] if strided else torch.randn(b, L, E, generator=g)
+    ins = [x, torch.randn(E, W, generator=g), torch.randn(E, generator=g), torch.randn(E, W, generator=g),
+           torch.randn(E, generator=g)]
+    gf, gb = torch.randn(b, L, E, generator=g), torch.randn(b, L, E, generator=g)
+    leaves = [t.detach().clone().requires_grad_(True) for t in ins]
+    out_f, out_b = fast.bimamba_conv(*leaves)
+    torch.autograd.backward((out_f, out_b), (gf, gb))
+    ref = [t.detach().double().requires_grad_(True) for t in ins]
+    ref_f, ref_b = fast.bimamba_conv_reference(*ref)
+    torch.autograd.backward((ref_f, ref_b), (gf.double(), gb.double()))
+    rel = lambda a, r: ((a.detach().double() - r.detach()).abs().max() / r.detach().abs().max()).item()  # noqa: E731
+    report = {"x_f": rel(out_f, ref_f), "x_b": rel(out_b, ref_b)}
+    for name, leaf, r in zip(("dx", "dw_f", "db_f", "dw_b", "db_b"), leaves, ref):
+        report[name] = rel(leaf.grad, r.grad)
+    print("RESULT " + json.dumps(report))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-L{c[1]}-E{c[2]}-N{c[3]}-T{c[4]}-BE{c[5]}"
-                         + ("-strided" if c[6] else "") + f"-{c[7]}-seg{c[8]}" + ("-prefetch" if c[9] else ""))
-def test_fast_scan_interpreter_matches_reference(case):
+def _run_worker(mode: str, case) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)], env=env,
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, json.dumps(case)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    report = json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT "):])
+
+
+# (batch, L, E, conv width, BLOCK_T, BLOCK_E, strided x): row tiles shorter than the conv's reach, a partial last row
+# tile and channel block, the (B, L, 2E) split view the mixer passes; width 3 (taps padded to 4 in the partials)
+CONV_CASES = [(2, 37, 24, 4, 8, 16, True), (1, 5, 16, 3, 16, 16, False)]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"B{c[0]}-L{c[1]}-E{c[2]}-W{c[3]}-T{c[4]}")
+def test_fast_conv_interpreter_matches_reference(case):
+    report = _run_worker("--conv-worker", case)
+    print(report)
+    assert set(report) == {"x_f", "x_b", "dx", "dw_f", "db_f", "dw_b", "db_b"}
+    assert max(report.values()) < 1e-5, report
+
+
+def test_fast_conv_op_registration_cpu_reference_path():
+    """opcheck of `visionmamba::bimamba_conv` on its CPU reference path; x_b is conv1d_b of the flipped sequence."""
+    import torch.nn.functional as F
+
+    from visionmamba.ops import fast
+
+    if fast.uses_triton("cpu"):
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    g = torch.Generator().manual_seed(0)
+    E, W = 6, 4
+    ins = [torch.randn(2, 9, E, generator=g, dtype=torch.float64), torch.randn(E, W, generator=g, dtype=torch.float64),
+           torch.randn(E, generator=g, dtype=torch.float64), torch.randn(E, W, generator=g, dtype=torch.float64),
+           torch.randn(E, generator=g, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.visionmamba.bimamba_conv.default, tuple(t.requires_grad_(True) for t in ins))
+    x, w_f, b_f, w_b, b_b = ins
+    out_f, out_b = fast.bimamba_conv(*ins)
+    official = lambda x_, w, b: F.silu(F.conv1d(x_.transpose(1, 2), w[:, None], b, padding=W - 1, groups=E)[..., :9])  # noqa: E731
+    torch.testing.assert_close(out_f, official(x, w_f, b_f).transpose(1, 2))
+    torch.testing.assert_close(out_b, official(x.flip(1), w_b, b_b).flip(-1).transpose(1, 2))
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[10]}-B{c[0]}-L{c[1]}-E{c[2]}-N{c[3]}-T{c[4]}-BE{c[5]}"
+                         + ("-strided" if c[6] else "") + f"-{c[7]}-seg{c[8]}" + ("-prefetch" if c[9] else ""))
+def test_fast_scan_interpreter_matches_reference(case):
+    report = _run_worker("--worker", case)
     print(json.dumps(report, indent=1))
     assert len(report) == 16
     bad = {k: v for k, v in report.items() if not v["finite"] or v["max_abs"] > 1e-4 * max(1.0, v["scale"])}
@@ -237,3 +309,5 @@ def test_fast_op_compiles_without_graph_break():
 
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
     _worker(sys.argv[2])
+elif __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--conv-worker":
+    _conv_worker(sys.argv[2])

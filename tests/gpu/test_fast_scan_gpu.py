@@ -89,6 +89,21 @@ def test_fast_scan_matches_reference(seqlen, dtype, check):
         check(a, r, "d" + name, dtype, seqlen)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("seqlen", SEQLENS)
+def test_fast_scan_seq_impl_matches_reference(seqlen, dtype, check, monkeypatch):
+    """The token-sequential kernels (``impl: seq``), strided inputs and a partial channel block included."""
+    monkeypatch.setitem(fast.CONFIG, "fwd", [dict(max_e=1 << 30, impl="seq", BLOCK_E=32, num_warps=1)])
+    monkeypatch.setitem(fast.CONFIG, "bwd", [dict(max_e=1 << 30, impl="seq", BLOCK_E=32, num_warps=1, K=16)])
+    ins = make_inputs(2, seqlen, 200, dtype=dtype, seed=seqlen + 1, strided=True)
+    g = torch.randn(2, seqlen, 200, device=DEV).to(dtype)
+    y, grads = run_fast(ins, g)
+    y_ref, grads_ref = run_reference(ins, g)
+    check(y, y_ref, "y", dtype, seqlen)
+    for name, a, r in zip(fast._INPUT_NAMES, grads, grads_ref):
+        check(a, r, "d" + name, dtype, seqlen)
+
+
 def test_fast_scan_strided_inputs_and_partial_channel_block(check):
     """Channel views of wider tensors (no copies) and E not a multiple of the channel block."""
     ins = make_inputs(3, 197, 200, dtype=torch.float32, seed=7, strided=True)
@@ -133,6 +148,29 @@ def test_fast_scan_torch_compile_fullgraph(check):
     check(out, out2, "loss_compiled_vs_eager", torch.bfloat16, 65)
     for name, a, r in zip(fast._INPUT_NAMES, grads, grads2):
         check(a, r, "d" + name + "_compiled", torch.bfloat16, 65)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("seqlen", SEQLENS)
+def test_fast_conv_matches_reference(seqlen, dtype):
+    """`bimamba_conv` (Triton) vs the F.conv1d reference in fp32: both outputs, dx, both weights and biases."""
+    E = 384
+    g = torch.Generator(device="cpu").manual_seed(seqlen)
+    xz = torch.randn(4, seqlen, 2 * E, generator=g).to(DEV, dtype)
+    ins = [xz[..., :E], *(t.to(DEV) for t in (torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g),
+                                                torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g)))]
+    gf, gb = (torch.randn(4, seqlen, E, generator=g).to(DEV, dtype) for _ in range(2))
+    leaves = [t.detach().requires_grad_(True) for t in ins]
+    outs = fast.bimamba_conv(*leaves)
+    grads = torch.autograd.grad(outs, leaves, (gf, gb))
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in ins]
+    ref_outs = fast.bimamba_conv_reference(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref_outs, ref_leaves, (gf.float(), gb.float()))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of each output / input gradient
+    for name, a, r in zip(("x_f", "x_b", "dx", "dw_f", "db_f", "dw_b", "db_b"), (*outs, *grads),
+                          (*ref_outs, *ref_grads)):
+        err = ((a.float() - r).abs().max() / r.abs().max()).item()
+        assert err < tol, (name, err)
 
 
 def test_fast_scan_poisoned_outputs_fully_written():
@@ -247,10 +285,28 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
             except Exception as exc:  # a config that does not compile (registers, shared memory)
                 t = f"{type(exc).__name__}: {str(exc)[:80]}"
             extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd"
-                     else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
-            sweep[f"{kind} T={cfg['T']} BE={cfg['BLOCK_E']} nw={cfg['num_warps']} ns={cfg.get('num_stages', 1)} {extra}"] = t
+                     else f"seg/K={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
+            sweep[f"{kind} {cfg.get('impl', 'chunk')} T={cfg['T']} BE={cfg['BLOCK_E']} nw={cfg['num_warps']} ns={cfg.get('num_stages', 1)} {extra}"] = t
             fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
         row["sweep"] = sweep
+        # ---- the two depthwise convs + SiLU: fused kernel vs F.conv1d in the (B, E, L) layout (the former path)
+        xz = torch.randn(b, L, 2 * E, device=DEV, dtype=dtype, requires_grad=True)
+        wts = [torch.randn(E, 4, device=DEV, requires_grad=True), torch.randn(E, device=DEV, requires_grad=True),
+               torch.randn(E, 4, device=DEV, requires_grad=True), torch.randn(E, device=DEV, requires_grad=True)]
+        gc = (torch.randn(b, L, E, device=DEV, dtype=dtype), torch.randn(b, L, E, device=DEV, dtype=dtype))
+
+        def conv_torch():
+            import torch.nn.functional as F
+            x_t = xz[..., :E].transpose(1, 2)
+            with torch.autocast("cuda", dtype=dtype):
+                f = F.silu(F.conv1d(F.pad(x_t, (3, 0)), wts[0][:, None], wts[1], groups=E)).transpose(1, 2).contiguous()
+                r = F.silu(F.conv1d(F.pad(x_t, (0, 3)), wts[2].flip(-1)[:, None], wts[3], groups=E))
+            return f, r.transpose(1, 2).contiguous()
+
+        for label, fn in (("conv_fast", lambda: fast.bimamba_conv(xz[..., :E], *wts)), ("conv_torch", conv_torch)):
+            with torch.no_grad():
+                row[label + "_fwd_ms"] = _bench(fn)
+            row[label + "_fwdbwd_ms"] = _bench(lambda fn=fn: torch.autograd.grad(fn(), [xz, *wts], gc))
         results.append(row)
         torch.cuda.empty_cache()
     # table
@@ -264,6 +320,9 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
                      f"{mbl / r['fast_fwdbwd_ms']:6.2f}")
     lines.append("ratio = mamba-ssm (two selective_scan_fn calls + the transposes/flips of the stock layout) / fast; "
                  "times in ms, median of triton.testing.do_bench (L2 flushed)")
+    for r in results:
+        lines.append(f"E={r['E']} convs+SiLU: fused fwd {r['conv_fast_fwd_ms']:.3f} / fwd+bwd {r['conv_fast_fwdbwd_ms']:.3f}"
+                     f" ms; F.conv1d path {r['conv_torch_fwd_ms']:.3f} / {r['conv_torch_fwdbwd_ms']:.3f} ms")
     for r in results:
         for k, v in r["sweep"].items():
             lines.append(f"  E={r['E']} {k}: {v}")
@@ -279,13 +338,17 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     sweep_cfgs = []
     if "--sweep" in sys.argv:
-        for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):  # kind,T,BLOCK_E,warps,stages,extra
+        # kind,T,BLOCK_E,warps,stages,extra; kind fwdseq/bwdseq: the token-sequential kernels (T unused, extra = K)
+        for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
             kind, T, BE, nw, ns, extra = spec.split(",")
             cfg = dict(T=int(T), BLOCK_E=int(BE), num_warps=int(nw), num_stages=int(ns))
+            if kind.endswith("seq"):
+                cfg["impl"] = "seq"
+                kind = kind[:-3]
             if kind == "fwd":
                 cfg.update(prefetch=bool(int(extra)))
-            else:  # seg[:atomic]
+            else:  # seg[:atomic] (chunked) or K[:atomic] (seq)
                 seg, _, atomic = extra.partition(":")
-                cfg.update(seg=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))
+                cfg.update(seg=int(seg), K=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))
             sweep_cfgs.append((kind, cfg))
     bench(out, sweep_cfgs)

@@ -28,6 +28,7 @@ from .ref import causal_conv1d_ref, selective_scan_naive, selective_scan_ref
 __all__ = [
     "BACKENDS",
     "KernelUnavailableError",
+    "bimamba_conv",
     "bimamba_scan",
     "causal_conv1d",
     "cuda_kernels_available",
@@ -189,6 +190,14 @@ def bimamba_scan(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tenso
     from . import fast
 
     return fast.bimamba_scan(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
+
+
+def bimamba_conv(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both directions' depthwise conv + SiLU in the (B, L, E) layout (see `visionmamba.ops.fast.bimamba_conv`):
+    (causal conv of x, anti-causal conv with the reversed kernel). Triton on CUDA tensors, F.conv1d on CPU."""
+    from . import fast
+
+    return fast.bimamba_conv(x, w_f, b_f, w_b, b_b)
 
 
 def _mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias):

@@ -23,6 +23,7 @@ when a kernel is launched, never by ``import visionmamba``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -34,6 +35,8 @@ from .ref import selective_scan_ref
 
 __all__ = [
     "CONFIG",
+    "bimamba_conv",
+    "bimamba_conv_reference",
     "bimamba_scan",
     "bimamba_scan_reference",
     "bwd_triton",
@@ -52,7 +55,33 @@ __all__ = [
 CONFIG = {
     "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True)],
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
+    # bidirectional depthwise conv + SiLU: rows x channels per program
+    "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
+    "conv_bwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
 }
+
+
+def _apply_config_override(text: Optional[str]) -> None:
+    """``VISIONMAMBA_FAST_CONFIG='{"bwd": {"impl": "seq", "BLOCK_E": 32, "num_warps": 1, "K": 16}}'``: replace the
+    launch configuration of the named kernels (one dict, or a list of dicts with ``max_e``), for tuning sweeps."""
+    if not text:
+        return
+    import json
+
+    try:
+        override = json.loads(text)
+        for kind, cfgs in override.items():
+            if kind not in CONFIG:
+                raise KeyError(f"unknown kernel {kind!r} (known: {sorted(CONFIG)})")
+            cfgs = [cfgs] if isinstance(cfgs, dict) else list(cfgs)
+            CONFIG[kind] = [dict({"max_e": 1 << 30}, **c) for c in cfgs]
+            logging.getLogger(__name__).warning("fast kernels: %s launch configuration from VISIONMAMBA_FAST_CONFIG: %s",
+                                                kind, CONFIG[kind])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"VISIONMAMBA_FAST_CONFIG is not a valid override: {exc}") from exc
+
+
+_apply_config_override(os.environ.get("VISIONMAMBA_FAST_CONFIG"))
 
 _INPUT_NAMES = ("x_f", "dt_f", "A_f", "B_f", "C_f", "D_f", "dt_bias_f",
                 "x_b", "dt_b", "A_b", "B_b", "C_b", "D_b", "dt_bias_b", "z")
@@ -132,11 +161,16 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return out
     cfg = _config("fwd", E)
     grid = (triton_cdiv(E, cfg["BLOCK_E"]), b)
-    K.bimamba_fwd_kernel[grid](
-        x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E,
-        *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out),
-        T=cfg["T"], BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1),
-        PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"])
+    strides = _strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out)
+    if cfg.get("impl", "chunk") == "seq":
+        K.bimamba_fwd_seq_kernel[grid](
+            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E, *strides,
+            BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"])
+    else:
+        K.bimamba_fwd_kernel[grid](
+            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E, *strides,
+            T=cfg["T"], BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1),
+            PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"])
     return out
 
 
@@ -151,9 +185,8 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     N = A_f.shape[1]
     dev = x_f.device
     cfg = _config("bwd", E)
-    T, BE, SEG = cfg["T"], cfg["BLOCK_E"], cfg.get("seg", 16)
-    n_chunks = triton_cdiv(L, T)
-    n_seg = max(triton_cdiv(n_chunks, SEG), 1)
+    seq = cfg.get("impl", "chunk") == "seq"
+    BE = cfg["BLOCK_E"]
     n_eb = triton_cdiv(E, BE)
     dx_f, ddt_f, dx_b, ddt_b = (torch.empty((b, L, E), dtype=t.dtype, device=dev) for t in (x_f, dt_f, x_b, dt_b))
     dz = torch.empty((b, L, E), dtype=z.dtype, device=dev)
@@ -166,21 +199,33 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
                               for _ in range(4))
     dA_f, dA_b = (torch.empty((b, E, N), dtype=torch.float32, device=dev) for _ in range(2))
     dD_f, dbias_f, dD_b, dbias_b = (torch.empty((b, E), dtype=torch.float32, device=dev) for _ in range(4))
-    ck = torch.empty((b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
-    # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the (B, L, E, N)
-    # state tensor when the whole sequence is one segment (L <= SEG * T)
-    scr = torch.empty((b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
-    if b * L * E > 0:
-        K.bimamba_bwd_kernel[(b, n_eb) if atomic else (n_eb, b)](
-            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g,
-            dx_f, ddt_f, dx_b, ddt_b, dz, dB_f, dC_f, dB_b, dC_b,
-            dA_f, dD_f, dbias_f, dA_b, dD_b, dbias_b, ck, scr, b, L, E,
-            *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g),
-            T=T, BLOCK_E=BE, N=N, NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic,
+    grads = [dx_f, ddt_f, dx_b, ddt_b, dz, dB_f, dC_f, dB_b, dC_b, dA_f, dD_f, dbias_f, dA_b, dD_b, dbias_b]
+    strides = _strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g)
+    grid = (b, n_eb) if atomic else (n_eb, b)
+    if b * L * E == 0:
+        for t in grads:
+            t.zero_()
+    elif seq:
+        Kc = cfg["K"]
+        # per program: the state entering each chunk of Kc tokens, and the Kc states of the chunk being walked back
+        ck = torch.empty((b * n_eb, triton_cdiv(L, Kc), BE, N), dtype=torch.float32, device=dev)
+        scr = torch.empty((b * n_eb, Kc, BE, N), dtype=torch.float32, device=dev)
+        K.bimamba_bwd_seq_kernel[grid](
+            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
+            b, L, E, *strides, BLOCK_E=BE, N=N, K=Kc, NUM_STAGES=cfg.get("num_stages", 1), ATOMIC=atomic,
             num_warps=cfg["num_warps"])
     else:
-        for t in (dx_f, ddt_f, dx_b, ddt_b, dz, dA_f, dA_b, dD_f, dbias_f, dD_b, dbias_b, dB_f, dC_f, dB_b, dC_b):
-            t.zero_()
+        T, SEG = cfg["T"], cfg.get("seg", 16)
+        n_chunks = triton_cdiv(L, T)
+        n_seg = max(triton_cdiv(n_chunks, SEG), 1)
+        ck = torch.empty((b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
+        # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the
+        # (B, L, E, N) state tensor when the whole sequence is one segment (L <= SEG * T)
+        scr = torch.empty((b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
+        K.bimamba_bwd_kernel[grid](
+            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
+            b, L, E, *strides, T=T, BLOCK_E=BE, N=N, NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic,
+            num_warps=cfg["num_warps"])
     if not atomic:
         dB_f, dC_f, dB_b, dC_b = (t.sum(0) for t in (dB_f, dC_f, dB_b, dC_b))
     like = [t.dtype for t in inputs]
@@ -223,6 +268,81 @@ def _reference_backward(grad: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
     # excluded, so plain autograd would record nothing; functorch's grad transform re-enables them for its scope.
     _, vjp = torch.func.vjp(lambda *a: bimamba_scan_reference(*a, scan=_scan_plain), *[t.detach() for t in inputs])
     return [gr.to(t.dtype).contiguous() for gr, t in zip(vjp(grad), inputs)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bidirectional depthwise conv + SiLU (the convs in front of the two scans)
+# ----------------------------------------------------------------------------------------------------------------
+
+def bimamba_conv_reference(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> tuple[Tensor, Tensor]:
+    """`bimamba_conv` with `F.conv1d` (pure PyTorch): the causal conv and the anti-causal one (the official conv1d_b
+    on the flipped sequence, seen on the unflipped time axis: kernel reversed, padding on the right), each + SiLU."""
+    import torch.nn.functional as F
+
+    E, W = w_f.shape
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 maths for bf16/fp16 inputs, as the kernel does
+    x_t = x.transpose(1, 2).to(acc)  # (B, E, L)
+    x_f = F.silu(F.conv1d(F.pad(x_t, (W - 1, 0)), w_f.to(acc)[:, None, :], b_f.to(acc), groups=E))
+    x_b = F.silu(F.conv1d(F.pad(x_t, (0, W - 1)), w_b.to(acc).flip(-1)[:, None, :], b_b.to(acc), groups=E))
+    return x_f.transpose(1, 2).to(x.dtype).contiguous(), x_b.transpose(1, 2).to(x.dtype).contiguous()
+
+
+def _check_conv(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, L, E), got {tuple(x.shape)}")
+    E = x.shape[-1]
+    for name, t, shape in (("w_f", w_f, (E, w_f.shape[-1])), ("w_b", w_b, (E, w_f.shape[-1])), ("b_f", b_f, (E,)),
+                           ("b_b", b_b, (E,))):
+        if t.dim() != len(shape) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def conv_fwd_triton(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward Triton launch of `bimamba_conv` (no autograd)."""
+    from . import _fast_kernels as K
+
+    _check_conv(x, w_f, b_f, w_b, b_b)
+    x = _unit_last(x)
+    b, L, E = x.shape
+    W = w_f.shape[1]
+    out_f, out_b = (torch.empty((b, L, E), dtype=x.dtype, device=x.device) for _ in range(2))
+    if out_f.numel() == 0:
+        return out_f, out_b
+    cfg = _config("conv_fwd", E)
+    grid = (triton_cdiv(L, cfg["BLOCK_T"]), triton_cdiv(E, cfg["BLOCK_E"]), b)
+    K.bimamba_conv_fwd_kernel[grid](x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), out_f, out_b, L, E,
+                                    x.stride(0), x.stride(1), W=W, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"],
+                                    num_warps=cfg["num_warps"])
+    return out_f, out_b
+
+
+def conv_bwd_triton(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
+                    b_b: Tensor) -> list[Tensor]:
+    """Backward Triton launch of `bimamba_conv`: [dx, dw_f, db_f, dw_b, db_b], each in its input's dtype."""
+    from . import _fast_kernels as K
+
+    _check_conv(x, w_f, b_f, w_b, b_b)
+    x = _unit_last(x)
+    g_f, g_b = g_f.contiguous(), g_b.contiguous()
+    b, L, E = x.shape
+    W = w_f.shape[1]
+    W_P2 = 1 << max(W - 1, 0).bit_length()
+    cfg = _config("conv_bwd", E)
+    n_t = triton_cdiv(L, cfg["BLOCK_T"])
+    dx = torch.empty((b, L, E), dtype=x.dtype, device=x.device)
+    # per-(batch row, row tile) partials, summed below: deterministic, and there are few of them (B * L / BLOCK_T)
+    dw = torch.zeros((b * n_t, 2, W_P2, E), dtype=torch.float32, device=x.device)
+    db = torch.zeros((b * n_t, 2, E), dtype=torch.float32, device=x.device)
+    if dx.numel() > 0:
+        K.bimamba_conv_bwd_kernel[(n_t, triton_cdiv(E, cfg["BLOCK_E"]), b)](
+            x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), g_f, g_b, dx, dw, db, L, E,
+            x.stride(0), x.stride(1), W=W, W_P2=W_P2, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"],
+            num_warps=cfg["num_warps"])
+    dw = dw.sum(0)[:, :W].transpose(1, 2)  # (2, E, W)
+    db = db.sum(0)  # (2, E)
+    # separate tensors: the op's outputs must not alias one another
+    return [dx, dw[0].to(w_f.dtype, copy=True), db[0].to(b_f.dtype, copy=True), dw[1].to(w_b.dtype, copy=True),
+            db[1].to(b_b.dtype, copy=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,3 +402,52 @@ def bimamba_scan(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tenso
     """Both scan directions, gated and averaged: (scan_fwd + scan_rev) / 2 * SiLU(z); see the module docstring."""
     return torch.ops.visionmamba.bimamba_scan(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b,
                                               D_b, dt_bias_b, z)
+
+
+@torch.library.custom_op("visionmamba::bimamba_conv", mutates_args=())
+def _bimamba_conv_op(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> tuple[Tensor, Tensor]:
+    if uses_triton(x.device):
+        return conv_fwd_triton(x, w_f, b_f, w_b, b_b)
+    with torch.no_grad():
+        return bimamba_conv_reference(x, w_f, b_f, w_b, b_b)
+
+
+@_bimamba_conv_op.register_fake
+def _(x, w_f, b_f, w_b, b_b):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("visionmamba::bimamba_conv_bwd", mutates_args=())
+def _bimamba_conv_bwd_op(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
+                         b_b: Tensor) -> list[Tensor]:
+    if uses_triton(x.device):
+        return conv_bwd_triton(g_f, g_b, x, w_f, b_f, w_b, b_b)
+    inputs = [t.detach() for t in (x, w_f, b_f, w_b, b_b)]
+    _, vjp = torch.func.vjp(bimamba_conv_reference, *inputs)
+    return [gr.to(t.dtype).contiguous() for gr, t in zip(vjp((g_f, g_b)), inputs)]
+
+
+@_bimamba_conv_bwd_op.register_fake
+def _(g_f, g_b, x, w_f, b_f, w_b, b_b):
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, w_f, b_f, w_b, b_b)]
+
+
+def _conv_backward(ctx, g_f, g_b):
+    x, w_f, b_f, w_b, b_b = ctx.saved_tensors
+    g_f = torch.zeros_like(x) if g_f is None else g_f
+    g_b = torch.zeros_like(x) if g_b is None else g_b
+    grads = torch.ops.visionmamba.bimamba_conv_bwd(g_f, g_b, x, w_f, b_f, w_b, b_b)
+    return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
+
+
+_bimamba_conv_op.register_autograd(_conv_backward, setup_context=_setup_context)
+
+
+def bimamba_conv(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both directions' depthwise conv + SiLU in the (B, L, E) layout: (x_f, x_b), contiguous, x's dtype.
+
+    x: (B, L, E) with unit stride along E (e.g. the x half of the in_proj output); w_*: (E, W) (conv1d.weight
+    squeezed); b_*: (E,). x_f is the official causal conv1d of x; x_b is conv1d_b applied to the flipped sequence,
+    flipped back — so the backward scan reads it in reverse and no flip is ever materialised.
+    """
+    return torch.ops.visionmamba.bimamba_conv(x, w_f, b_f, w_b, b_b)

@@ -25,14 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _adj_combine = None  # set to the kernel's combine function inside the interpreter worker (a @triton.jit global)
 
-# (batch, L, E, N, T, BLOCK_E, noncontiguous, dtype, backward chunks per checkpoint segment, forward prefetch, impl):
+# (batch, L, E, N, T, BLOCK_E, noncontiguous, dtype, backward chunks per checkpoint segment, forward prefetch):
 # odd lengths, a partial last chunk, a single partial chunk, E not a multiple of BLOCK_E, strided (B, L, 2E)-split
-# inputs, several checkpoint segments with a partial last one. impl "seq" (token-sequential kernels): T is unused and
-# the segment field is the backward chunk length K (several chunks, a partial last one).
+# inputs, several checkpoint segments with a partial last one.
 CASES = [
-    (2, 7, 24, 16, 8, 16, False, "float32", 16, False, "chunk"),
-    (2, 65, 32, 16, 8, 16, True, "float32", 2, True, "chunk"),
-    (2, 37, 24, 16, 0, 16, True, "float32", 8, False, "seq"),
+    (2, 7, 24, 16, 8, 16, False, "float32", 16, False),
+    (2, 65, 32, 16, 8, 16, True, "float32", 2, True),
 ]
 
 
@@ -129,18 +127,14 @@ def _check_patched_scan(original):
 def _worker(case_json: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     sys.path.insert(0, str(ROOT))
-    b, L, E, N, T, BE, nonc, dtype, seg, prefetch, impl = json.loads(case_json)
+    b, L, E, N, T, BE, nonc, dtype, seg, prefetch = json.loads(case_json)
     original = _install_fast_interpreter_scan()
     if original is not None:
         _check_patched_scan(original)
     from visionmamba.ops import fast
 
-    if impl == "seq":
-        fast.CONFIG["fwd"] = [dict(max_e=1 << 30, impl="seq", BLOCK_E=BE, num_warps=1)]
-        fast.CONFIG["bwd"] = [dict(max_e=1 << 30, impl="seq", BLOCK_E=BE, num_warps=1, K=seg)]
-    else:
-        fast.CONFIG["fwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, prefetch=prefetch)]
-        fast.CONFIG["bwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, seg=seg)]
+    fast.CONFIG["fwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, prefetch=prefetch)]
+    fast.CONFIG["bwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, seg=seg)]
     assert fast.uses_triton("cpu")
     ins = make_inputs(b, L, E, N, dtype=getattr(torch, dtype), noncontiguous=nonc)
     g = torch.randn(b, L, E, generator=torch.Generator().manual_seed(5)).to(ins[0].dtype)
@@ -241,7 +235,7 @@ def test_fast_conv_op_registration_cpu_reference_path():
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[10]}-B{c[0]}-L{c[1]}-E{c[2]}-N{c[3]}-T{c[4]}-BE{c[5]}"
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-L{c[1]}-E{c[2]}-N{c[3]}-T{c[4]}-BE{c[5]}"
                          + ("-strided" if c[6] else "") + f"-{c[7]}-seg{c[8]}" + ("-prefetch" if c[9] else ""))
 def test_fast_scan_interpreter_matches_reference(case):
     report = _run_worker("--worker", case)

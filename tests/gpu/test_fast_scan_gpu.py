@@ -89,21 +89,6 @@ def test_fast_scan_matches_reference(seqlen, dtype, check):
         check(a, r, "d" + name, dtype, seqlen)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("seqlen", SEQLENS)
-def test_fast_scan_seq_impl_matches_reference(seqlen, dtype, check, monkeypatch):
-    """The token-sequential kernels (``impl: seq``), strided inputs and a partial channel block included."""
-    monkeypatch.setitem(fast.CONFIG, "fwd", [dict(max_e=1 << 30, impl="seq", BLOCK_E=32, num_warps=1)])
-    monkeypatch.setitem(fast.CONFIG, "bwd", [dict(max_e=1 << 30, impl="seq", BLOCK_E=32, num_warps=1, K=16)])
-    ins = make_inputs(2, seqlen, 200, dtype=dtype, seed=seqlen + 1, strided=True)
-    g = torch.randn(2, seqlen, 200, device=DEV).to(dtype)
-    y, grads = run_fast(ins, g)
-    y_ref, grads_ref = run_reference(ins, g)
-    check(y, y_ref, "y", dtype, seqlen)
-    for name, a, r in zip(fast._INPUT_NAMES, grads, grads_ref):
-        check(a, r, "d" + name, dtype, seqlen)
-
-
 def test_fast_scan_strided_inputs_and_partial_channel_block(check):
     """Channel views of wider tensors (no copies) and E not a multiple of the channel block."""
     ins = make_inputs(3, 197, 200, dtype=torch.float32, seed=7, strided=True)
@@ -285,8 +270,8 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
             except Exception as exc:  # a config that does not compile (registers, shared memory)
                 t = f"{type(exc).__name__}: {str(exc)[:80]}"
             extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd"
-                     else f"seg/K={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
-            sweep[f"{kind} {cfg.get('impl', 'chunk')} T={cfg['T']} BE={cfg['BLOCK_E']} nw={cfg['num_warps']} ns={cfg.get('num_stages', 1)} {extra}"] = t
+                     else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
+            sweep[f"{kind} T={cfg['T']} BE={cfg['BLOCK_E']} nw={cfg['num_warps']} ns={cfg.get('num_stages', 1)} {extra}"] = t
             fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
         row["sweep"] = sweep
         # ---- the two depthwise convs + SiLU: fused kernel vs F.conv1d in the (B, E, L) layout (the former path)
@@ -338,17 +323,14 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     sweep_cfgs = []
     if "--sweep" in sys.argv:
-        # kind,T,BLOCK_E,warps,stages,extra; kind fwdseq/bwdseq: the token-sequential kernels (T unused, extra = K)
+        # kind,T,BLOCK_E,warps,stages,extra
         for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
             kind, T, BE, nw, ns, extra = spec.split(",")
             cfg = dict(T=int(T), BLOCK_E=int(BE), num_warps=int(nw), num_stages=int(ns))
-            if kind.endswith("seq"):
-                cfg["impl"] = "seq"
-                kind = kind[:-3]
             if kind == "fwd":
                 cfg.update(prefetch=bool(int(extra)))
-            else:  # seg[:atomic] (chunked) or K[:atomic] (seq)
+            else:  # seg[:atomic]
                 seg, _, atomic = extra.partition(":")
-                cfg.update(seg=int(seg), K=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))
+                cfg.update(seg=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))
             sweep_cfgs.append((kind, cfg))
     bench(out, sweep_cfgs)

@@ -431,279 +431,63 @@ def bimamba_conv_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_pt
 
 
 @triton.jit
-def _silu_grad_at(x_ptr, g_ptr, b64, rows, shift, L, E, s_xb, s_xl, e_offs, e_mask, w_ptr, bias,
-                  W: tl.constexpr, REVERSE: tl.constexpr):
-    """d(loss)/d(pre-activation) of one direction at rows + shift (zero outside [0, L))."""
-    r = rows + shift
-    pre = _conv_pre(x_ptr, b64 * s_xb, r, s_xl, e_offs, e_mask, L, w_ptr, bias, W, REVERSE)
-    g = _shifted_rows(g_ptr, b64 * L * E, rows, shift, E, e_offs, e_mask, L)
-    s = _sigmoid(pre)
-    return g * s * (1.0 + pre * (1.0 - s))
-
-
-@triton.jit
-def bimamba_conv_bwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr, gb_ptr, dx_ptr, dw_ptr, db_ptr,
-                            L, E, s_xb, s_xl,
-                            W: tl.constexpr, W_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """gf, gb, dx: contiguous (B, L, E). dw: fp32 partials (B * n_row_tiles, 2, W_P2, E) (direction, tap);
-    db: fp32 partials (B * n_row_tiles, 2, E); summed by the caller."""
+def bimamba_conv_bwd_gp_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr, gb_ptr, gp_ptr, dw_ptr, db_ptr,
+                               L, E, s_xb, s_xl,
+                               W: tl.constexpr, W_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Backward, step 1: the gradients at the two pre-activations, gp = g * SiLU'(pre), into gp (2, B, L, E) fp32,
+    and the weight/bias gradients: fp32 partials dw (B * n_row_tiles, 2, W_P2, E), db (B * n_row_tiles, 2, E)."""
     pid_t = tl.program_id(0)
     pid_e = tl.program_id(1)
     b64 = tl.program_id(2).to(tl.int64)
-    n_t = tl.num_programs(0)
+    B = tl.num_programs(2)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = e_offs < E
     m2 = (rows < L)[:, None] & e_mask[None, :]
-    bias_f = tl.load(bf_ptr + e_offs, mask=e_mask, other=0.0)
-    bias_b = tl.load(bb_ptr + e_offs, mask=e_mask, other=0.0)
+    x_off = b64 * s_xb
+    offs = b64 * L * E + rows[:, None] * E + e_offs[None, :]
     taps = tl.arange(0, W_P2)
+    part = b64 * tl.num_programs(0) + pid_t
+    w_offs = taps[:, None] * E + e_offs[None, :]
+    wm = (taps < W)[:, None] & e_mask[None, :]
+    for d in tl.static_range(2):  # 0: forward (causal) conv, 1: backward-branch (anti-causal) conv
+        if d == 0:
+            w_ptr, bias_ptr, g_ptr = wf_ptr, bf_ptr, gf_ptr
+        else:
+            w_ptr, bias_ptr, g_ptr = wb_ptr, bb_ptr, gb_ptr
+        bias = tl.load(bias_ptr + e_offs, mask=e_mask, other=0.0)
+        pre = _conv_pre(x_ptr, x_off, rows, s_xl, e_offs, e_mask, L, w_ptr, bias, W, d == 1)
+        s = _sigmoid(pre)
+        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)  # rows >= L: g = 0, so gp = 0
+        gp = g * s * (1.0 + pre * (1.0 - s))
+        tl.store(gp_ptr + d * B * L * E + offs, gp, mask=m2)
+        dw = tl.zeros((W_P2, BLOCK_E), tl.float32)
+        for k in tl.static_range(W):
+            if d == 0:
+                shift = k - (W - 1)
+            else:
+                shift = (W - 1) - k
+            xk = _shifted_rows(x_ptr, x_off, rows, shift, s_xl, e_offs, e_mask, L)
+            dw += tl.where(taps[:, None] == k, tl.sum(gp * xk, axis=0)[None, :], 0.0)
+        tl.store(dw_ptr + (part * 2 + d) * W_P2 * E + w_offs, dw, mask=wm)
+        tl.store(db_ptr + (part * 2 + d) * E + e_offs, tl.sum(gp, axis=0), mask=e_mask)
+
+
+@triton.jit
+def bimamba_conv_bwd_dx_kernel(gp_ptr, wf_ptr, wb_ptr, dx_ptr, B, L, E,
+                               W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Backward, step 2: dx[t] = sum_j w_f[W-1-j] gp_f[t+j] + w_b[W-1-j] gp_b[t-j]; dx contiguous (B, L, E)."""
+    pid_t = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    b64 = tl.program_id(2).to(tl.int64)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e_offs < E
     dx = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
-    dwf = tl.zeros((W_P2, BLOCK_E), tl.float32)
-    dwb = tl.zeros((W_P2, BLOCK_E), tl.float32)
-    # dx[t] = sum_j w_f[W-1-j] gp_f[t+j] + sum_j w_b[W-1-j] gp_b[t-j]; the j = 0 terms also give dw and db
     for j in tl.static_range(W):
-        gpf = _silu_grad_at(x_ptr, gf_ptr, b64, rows, j, L, E, s_xb, s_xl, e_offs, e_mask, wf_ptr, bias_f, W, False)
-        gpb = _silu_grad_at(x_ptr, gb_ptr, b64, rows, -j, L, E, s_xb, s_xl, e_offs, e_mask, wb_ptr, bias_b, W, True)
         wf = tl.load(wf_ptr + e_offs * W + (W - 1 - j), mask=e_mask, other=0.0)
         wb = tl.load(wb_ptr + e_offs * W + (W - 1 - j), mask=e_mask, other=0.0)
-        dx += wf[None, :] * gpf + wb[None, :] * gpb
-        if j == 0:
-            # rows >= L carry gp = 0 (masked g), so the tile's padding adds nothing
-            dbf = tl.sum(gpf, axis=0)
-            dbb = tl.sum(gpb, axis=0)
-            for k in tl.static_range(W):
-                xf_k = _shifted_rows(x_ptr, b64 * s_xb, rows, k - (W - 1), s_xl, e_offs, e_mask, L)
-                xb_k = _shifted_rows(x_ptr, b64 * s_xb, rows, (W - 1) - k, s_xl, e_offs, e_mask, L)
-                dwf += tl.where(taps[:, None] == k, tl.sum(gpf * xf_k, axis=0)[None, :], 0.0)
-                dwb += tl.where(taps[:, None] == k, tl.sum(gpb * xb_k, axis=0)[None, :], 0.0)
+        dx += wf[None, :] * _shifted_rows(gp_ptr, b64 * L * E, rows, j, E, e_offs, e_mask, L)
+        dx += wb[None, :] * _shifted_rows(gp_ptr, (B + b64) * L * E, rows, -j, E, e_offs, e_mask, L)
+    m2 = (rows < L)[:, None] & e_mask[None, :]
     tl.store(dx_ptr + b64 * L * E + rows[:, None] * E + e_offs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
-    part = b64 * n_t + pid_t
-    wm = (taps < W)[:, None] & e_mask[None, :]
-    w_offs = taps[:, None] * E + e_offs[None, :]
-    tl.store(dw_ptr + part * 2 * W_P2 * E + w_offs, dwf, mask=wm)
-    tl.store(dw_ptr + part * 2 * W_P2 * E + W_P2 * E + w_offs, dwb, mask=wm)
-    tl.store(db_ptr + part * 2 * E + e_offs, dbf, mask=e_mask)
-    tl.store(db_ptr + part * 2 * E + E + e_offs, dbb, mask=e_mask)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Token-sequential variant ("impl": "seq" in `fast.CONFIG`): one token per loop iteration, the (BLOCK_E, N) state in
-# registers, no associative scan. Each iteration does the minimum arithmetic (one exp2 per state element and pass);
-# latency is hidden by many resident programs (small register footprint) instead of by a wide chunk tile.
-# Backward per direction: (1) forward sweep storing the state entering every chunk of K tokens (ck, per program);
-# (2) chunks in reverse order: recompute the chunk's K states into a per-program scratch (K, BLOCK_E, N) fp32, then
-# walk them backwards with the adjoint carry u = a_t dh_t (a_t h_{t-1} = h_t - b_t, so h_{t-1} is never needed).
-# ------------------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _seq_time(tau, L, REVERSE: tl.constexpr):
-    """Token index of scan position tau (reversed for the reverse direction) and whether tau < L, as (1,) tensors."""
-    tau = tau + tl.zeros((1,), tl.int32)  # a tensor also where tau and L are plain integers (the interpreter)
-    valid = tau < L
-    if REVERSE:
-        t = L - 1 - tau
-    else:
-        t = tau
-    return tl.where(valid, t, 0), valid
-
-
-@triton.jit
-def _seq_row(ptr, b_off, t, s_l, cols, mask):
-    return tl.load(ptr + b_off + t * s_l + cols, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _seq_step(h, x, dt, Bv, bias, A2, valid):
-    """One token: Δ, a = exp(Δ A), b = Δ x B and the next state. Masked tokens have Δ = 0, i.e. a = 1, b = 0."""
-    delta = tl.where(valid, _softplus(dt + bias), 0.0)
-    a = tl.exp2(delta[:, None] * A2)
-    bx = (delta * x)[:, None] * Bv[None, :]
-    return delta, a, bx, a * h + bx
-
-
-@triton.jit
-def _fwd_seq_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, out_ptr, pid_b, L,
-                  s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_ob, s_ol, e_offs, e_mask,
-                  REVERSE: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, NUM_STAGES: tl.constexpr):
-    n_offs = tl.arange(0, N)
-    A2 = tl.load(a_ptr + e_offs[:, None] * N + n_offs[None, :], mask=e_mask[:, None], other=0.0) * 1.4426950408889634
-    Dv = tl.load(d_ptr + e_offs, mask=e_mask, other=0.0)
-    bias = tl.load(bias_ptr + e_offs, mask=e_mask, other=0.0)
-    b64 = pid_b.to(tl.int64)
-    h = tl.zeros((e_offs.shape[0], N), dtype=tl.float32)
-    for tau in tl.range(0, L, num_stages=NUM_STAGES):
-        t, valid = _seq_time(tau, L, REVERSE)
-        x = _seq_row(x_ptr, b64 * s_xb, t, s_xl, e_offs, e_mask)
-        dt = _seq_row(dt_ptr, b64 * s_dtb, t, s_dtl, e_offs, e_mask)
-        Bv = _seq_row(b_ptr, b64 * s_bb, t, s_bl, n_offs, n_offs < N)
-        Cv = _seq_row(c_ptr, b64 * s_cb, t, s_cl, n_offs, n_offs < N)
-        delta, a, bx, h = _seq_step(h, x, dt, Bv, bias, A2, valid)
-        y = tl.sum(h * Cv[None, :], axis=1) + Dv * x
-        o_ptrs = out_ptr + b64 * s_ob + t * s_ol + e_offs
-        if FIRST:
-            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=e_mask)
-        else:
-            z = _seq_row(z_ptr, b64 * s_zb, t, s_zl, e_offs, e_mask)
-            prev = tl.load(o_ptrs, mask=e_mask, other=0.0).to(tl.float32)
-            tl.store(o_ptrs, ((prev + y) * 0.5 * (z * _sigmoid(z))).to(out_ptr.dtype.element_ty), mask=e_mask)
-
-
-@triton.jit
-def bimamba_fwd_seq_kernel(
-        xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr,
-        xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr,
-        z_ptr, out_ptr, L, E,
-        s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl,
-        s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl,
-        s_zb, s_zl, s_ob, s_ol,
-        BLOCK_E: tl.constexpr, N: tl.constexpr, NUM_STAGES: tl.constexpr):
-    pid_e = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
-    _fwd_seq_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, out_ptr, pid_b, L,
-                  s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_ob, s_ol,
-                  e_offs, e_mask, False, True, N, NUM_STAGES)
-    tl.debug_barrier()  # pass 2 reads what pass 1 wrote
-    _fwd_seq_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, out_ptr, pid_b, L,
-                  s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_ob, s_ol,
-                  e_offs, e_mask, True, False, N, NUM_STAGES)
-
-
-@triton.jit
-def _bwd_seq_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
-                  dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr, scr_ptr,
-                  pid_b, pid_e, B, L, E,
-                  s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_gb, s_gl,
-                  e_offs, e_mask,
-                  REVERSE: tl.constexpr, FIRST: tl.constexpr, BLOCK_E: tl.constexpr, N: tl.constexpr,
-                  K: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr):
-    n_offs = tl.arange(0, N)
-    n_true = n_offs < N
-    en_mask = e_mask[:, None]
-    A = tl.load(a_ptr + e_offs[:, None] * N + n_offs[None, :], mask=en_mask, other=0.0)
-    A2 = A * 1.4426950408889634
-    Dv = tl.load(d_ptr + e_offs, mask=e_mask, other=0.0)
-    bias = tl.load(bias_ptr + e_offs, mask=e_mask, other=0.0)
-    b64 = pid_b.to(tl.int64)
-    n_eb = tl.cdiv(E, BLOCK_E)
-    n_chunks = tl.cdiv(L, K)
-    tile = tl.arange(0, BLOCK_E)[:, None] * N + n_offs[None, :]
-    prog = b64 * n_eb + pid_e
-    ck_base = ck_ptr + prog * n_chunks * (BLOCK_E * N) + tile  # (n_chunks, BLOCK_E, N): state entering each chunk
-    scr_base = scr_ptr + prog * (K * BLOCK_E * N) + tile  # (K, BLOCK_E, N): the states of the current chunk
-    if ATOMIC:
-        part_base = b64 * L * N
-    else:
-        part_base = (pid_e * B + b64) * L * N
-
-    # ---- phase 1: the state entering every chunk ----
-    h = tl.zeros((BLOCK_E, N), dtype=tl.float32)
-    for c in tl.range(0, n_chunks):
-        tl.store(ck_base + c * (BLOCK_E * N), h)
-        for j in tl.range(0, K, num_stages=NUM_STAGES):
-            t, valid = _seq_time(c * K + j, L, REVERSE)
-            x = _seq_row(x_ptr, b64 * s_xb, t, s_xl, e_offs, e_mask)
-            dt = _seq_row(dt_ptr, b64 * s_dtb, t, s_dtl, e_offs, e_mask)
-            Bv = _seq_row(b_ptr, b64 * s_bb, t, s_bl, n_offs, n_true)
-            _d, _a, _bx, h = _seq_step(h, x, dt, Bv, bias, A2, valid)
-
-    # ---- phase 2: chunks in reverse order ----
-    u = tl.zeros((BLOCK_E, N), dtype=tl.float32)  # a_{t+1} dh_{t+1}, entering from the right
-    dA_acc = tl.zeros((BLOCK_E, N), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for cc in tl.range(0, n_chunks):
-        c = n_chunks - 1 - cc
-        h = tl.load(ck_base + c * (BLOCK_E * N))
-        for j in tl.range(0, K, num_stages=NUM_STAGES):
-            t, valid = _seq_time(c * K + j, L, REVERSE)
-            x = _seq_row(x_ptr, b64 * s_xb, t, s_xl, e_offs, e_mask)
-            dt = _seq_row(dt_ptr, b64 * s_dtb, t, s_dtl, e_offs, e_mask)
-            Bv = _seq_row(b_ptr, b64 * s_bb, t, s_bl, n_offs, n_true)
-            _d, _a, _bx, h = _seq_step(h, x, dt, Bv, bias, A2, valid)
-            tl.store(scr_base + j * (BLOCK_E * N), h)
-        tl.debug_barrier()  # the chunk's states are in the scratch before they are read back
-        for jj in tl.range(0, K, num_stages=NUM_STAGES):
-            j = K - 1 - jj
-            t, valid = _seq_time(c * K + j, L, REVERSE)
-            m = e_mask & valid
-            x = _seq_row(x_ptr, b64 * s_xb, t, s_xl, e_offs, e_mask)
-            dt = _seq_row(dt_ptr, b64 * s_dtb, t, s_dtl, e_offs, e_mask)
-            Bv = _seq_row(b_ptr, b64 * s_bb, t, s_bl, n_offs, n_true)
-            Cv = _seq_row(c_ptr, b64 * s_cb, t, s_cl, n_offs, n_true)
-            z = _seq_row(z_ptr, b64 * s_zb, t, s_zl, e_offs, m)
-            g = _seq_row(g_ptr, b64 * s_gb, t, s_gl, e_offs, m)  # masked tokens: g = 0 -> gy = 0, dh = u
-            hs = tl.load(scr_base + j * (BLOCK_E * N))
-            delta, a, bx, _h = _seq_step(hs, x, dt, Bv, bias, A2, valid)
-            sz = _sigmoid(z)
-            gy = g * (z * sz) * 0.5
-            dh = u + gy[:, None] * Cv[None, :]
-            u = a * dh
-            q = dh * (hs - bx)  # dh_t * a_t h_{t-1}
-            dA_acc += delta[:, None] * q
-            s1 = tl.sum(dh * Bv[None, :], axis=1)
-            s2 = tl.sum(q * A, axis=1)
-            y = tl.sum(hs * Cv[None, :], axis=1) + Dv * x
-            dCo = tl.sum(hs * gy[:, None], axis=0)  # (N,)
-            dBo = tl.sum(dh * (delta * x)[:, None], axis=0)  # (N,)
-            ddt = tl.where(m, (x * s1 + s2) * _sigmoid(dt + bias), 0.0)
-            dbias_acc += ddt
-            dD_acc += gy * x
-            dzp = g * 0.5 * y * (sz * (1.0 + z * (1.0 - sz)))
-            off = b64 * L * E + t * E + e_offs  # the (B, L, E) contiguous gradient buffers
-            if FIRST:
-                dz_val = dzp
-            else:  # the first pass of this program wrote its part (before the barrier between the passes)
-                dz_val = tl.load(dz_ptr + off, mask=m, other=0.0).to(tl.float32) + dzp
-            tl.store(dx_ptr + off, (delta * s1 + gy * Dv).to(dx_ptr.dtype.element_ty), mask=m)
-            tl.store(ddt_ptr + off, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
-            tl.store(dz_ptr + off, dz_val.to(dz_ptr.dtype.element_ty), mask=m)
-            off_n = part_base + t * N + n_offs
-            if ATOMIC:
-                tl.atomic_add(dB_ptr + off_n, dBo, mask=n_true & valid, sem="relaxed")
-                tl.atomic_add(dC_ptr + off_n, dCo, mask=n_true & valid, sem="relaxed")
-            else:
-                tl.store(dB_ptr + off_n, dBo, mask=n_true & valid)
-                tl.store(dC_ptr + off_n, dCo, mask=n_true & valid)
-        tl.debug_barrier()  # the scratch is rewritten by the next chunk
-    tl.store(dA_ptr + b64 * E * N + e_offs[:, None] * N + n_offs[None, :], dA_acc, mask=en_mask)
-    tl.store(dD_ptr + b64 * E + e_offs, dD_acc, mask=e_mask)
-    tl.store(dbias_ptr + b64 * E + e_offs, dbias_acc, mask=e_mask)
-
-
-@triton.jit
-def bimamba_bwd_seq_kernel(
-        xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr,
-        xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr,
-        z_ptr, g_ptr,
-        dxf_ptr, ddtf_ptr, dxb_ptr, ddtb_ptr, dz_ptr,
-        dBf_ptr, dCf_ptr, dBb_ptr, dCb_ptr,
-        dAf_ptr, dDf_ptr, dbiasf_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr,
-        ck_ptr, scr_ptr, B, L, E,
-        s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl,
-        s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl,
-        s_zb, s_zl, s_gb, s_gl,
-        BLOCK_E: tl.constexpr, N: tl.constexpr, K: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr):
-    """Buffers as `bimamba_bwd_kernel`, except ck (B * n_eblocks, cdiv(L, K), BLOCK_E, N) and scr (B * n_eblocks, K,
-    BLOCK_E, N), both fp32 and per program."""
-    if ATOMIC:
-        pid_b = tl.program_id(0)
-        pid_e = tl.program_id(1)
-    else:
-        pid_e = tl.program_id(0)
-        pid_b = tl.program_id(1)
-    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
-    _bwd_seq_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
-                  dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
-                  pid_b, pid_e, B, L, E,
-                  s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
-                  e_offs, e_mask, False, True, BLOCK_E, N, K, NUM_STAGES, ATOMIC)
-    tl.debug_barrier()
-    _bwd_seq_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
-                  dxb_ptr, ddtb_ptr, dz_ptr, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_ptr, scr_ptr,
-                  pid_b, pid_e, B, L, E,
-                  s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
-                  e_offs, e_mask, True, False, BLOCK_E, N, K, NUM_STAGES, ATOMIC)

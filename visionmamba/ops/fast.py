@@ -62,7 +62,7 @@ CONFIG = {
 
 
 def _apply_config_override(text: Optional[str]) -> None:
-    """``VISIONMAMBA_FAST_CONFIG='{"bwd": {"impl": "seq", "BLOCK_E": 32, "num_warps": 1, "K": 16}}'``: replace the
+    """``VISIONMAMBA_FAST_CONFIG='{"bwd": {"T": 4, "BLOCK_E": 16, "num_warps": 1, "seg": 64}}'``: replace the
     launch configuration of the named kernels (one dict, or a list of dicts with ``max_e``), for tuning sweeps."""
     if not text:
         return
@@ -161,16 +161,11 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return out
     cfg = _config("fwd", E)
     grid = (triton_cdiv(E, cfg["BLOCK_E"]), b)
-    strides = _strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out)
-    if cfg.get("impl", "chunk") == "seq":
-        K.bimamba_fwd_seq_kernel[grid](
-            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E, *strides,
-            BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"])
-    else:
-        K.bimamba_fwd_kernel[grid](
-            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E, *strides,
-            T=cfg["T"], BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1),
-            PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"])
+    K.bimamba_fwd_kernel[grid](
+        x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E,
+        *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out),
+        T=cfg["T"], BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1),
+        PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"])
     return out
 
 
@@ -185,8 +180,9 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     N = A_f.shape[1]
     dev = x_f.device
     cfg = _config("bwd", E)
-    seq = cfg.get("impl", "chunk") == "seq"
-    BE = cfg["BLOCK_E"]
+    T, BE, SEG = cfg["T"], cfg["BLOCK_E"], cfg.get("seg", 16)
+    n_chunks = triton_cdiv(L, T)
+    n_seg = max(triton_cdiv(n_chunks, SEG), 1)
     n_eb = triton_cdiv(E, BE)
     dx_f, ddt_f, dx_b, ddt_b = (torch.empty((b, L, E), dtype=t.dtype, device=dev) for t in (x_f, dt_f, x_b, dt_b))
     dz = torch.empty((b, L, E), dtype=z.dtype, device=dev)
@@ -200,32 +196,18 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     dA_f, dA_b = (torch.empty((b, E, N), dtype=torch.float32, device=dev) for _ in range(2))
     dD_f, dbias_f, dD_b, dbias_b = (torch.empty((b, E), dtype=torch.float32, device=dev) for _ in range(4))
     grads = [dx_f, ddt_f, dx_b, ddt_b, dz, dB_f, dC_f, dB_b, dC_b, dA_f, dD_f, dbias_f, dA_b, dD_b, dbias_b]
-    strides = _strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g)
-    grid = (b, n_eb) if atomic else (n_eb, b)
     if b * L * E == 0:
         for t in grads:
             t.zero_()
-    elif seq:
-        Kc = cfg["K"]
-        # per program: the state entering each chunk of Kc tokens, and the Kc states of the chunk being walked back
-        ck = torch.empty((b * n_eb, triton_cdiv(L, Kc), BE, N), dtype=torch.float32, device=dev)
-        scr = torch.empty((b * n_eb, Kc, BE, N), dtype=torch.float32, device=dev)
-        K.bimamba_bwd_seq_kernel[grid](
-            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
-            b, L, E, *strides, BLOCK_E=BE, N=N, K=Kc, NUM_STAGES=cfg.get("num_stages", 1), ATOMIC=atomic,
-            num_warps=cfg["num_warps"])
     else:
-        T, SEG = cfg["T"], cfg.get("seg", 16)
-        n_chunks = triton_cdiv(L, T)
-        n_seg = max(triton_cdiv(n_chunks, SEG), 1)
         ck = torch.empty((b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
         # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the
         # (B, L, E, N) state tensor when the whole sequence is one segment (L <= SEG * T)
         scr = torch.empty((b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
-        K.bimamba_bwd_kernel[grid](
+        K.bimamba_bwd_kernel[(b, n_eb) if atomic else (n_eb, b)](
             x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
-            b, L, E, *strides, T=T, BLOCK_E=BE, N=N, NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic,
-            num_warps=cfg["num_warps"])
+            b, L, E, *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g), T=T, BLOCK_E=BE, N=N,
+            NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"])
     if not atomic:
         dB_f, dC_f, dB_b, dC_b = (t.sum(0) for t in (dB_f, dC_f, dB_b, dC_b))
     like = [t.dtype for t in inputs]
@@ -334,10 +316,15 @@ def conv_bwd_triton(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tenso
     dw = torch.zeros((b * n_t, 2, W_P2, E), dtype=torch.float32, device=x.device)
     db = torch.zeros((b * n_t, 2, E), dtype=torch.float32, device=x.device)
     if dx.numel() > 0:
-        K.bimamba_conv_bwd_kernel[(n_t, triton_cdiv(E, cfg["BLOCK_E"]), b)](
-            x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), g_f, g_b, dx, dw, db, L, E,
-            x.stride(0), x.stride(1), W=W, W_P2=W_P2, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"],
-            num_warps=cfg["num_warps"])
+        # two launches: gp = g * SiLU'(pre) of both directions (fp32, with dw/db), then dx from shifted gp rows
+        gp = torch.empty((2, b, L, E), dtype=torch.float32, device=x.device)
+        grid = (n_t, triton_cdiv(E, cfg["BLOCK_E"]), b)
+        w_f32, w_b32 = _param(w_f), _param(w_b)
+        K.bimamba_conv_bwd_gp_kernel[grid](
+            x, w_f32, _param(b_f), w_b32, _param(b_b), g_f, g_b, gp, dw, db, L, E, x.stride(0), x.stride(1),
+            W=W, W_P2=W_P2, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
+        K.bimamba_conv_bwd_dx_kernel[grid](gp, w_f32, w_b32, dx, b, L, E, W=W, BLOCK_T=cfg["BLOCK_T"],
+                                           BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
     dw = dw.sum(0)[:, :W].transpose(1, 2)  # (2, E, W)
     db = db.sum(0)  # (2, E)
     # separate tensors: the op's outputs must not alias one another

@@ -435,19 +435,18 @@ def bimamba_conv_bwd_gp_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr, gb
                                L, E, s_xb, s_xl,
                                W: tl.constexpr, W_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """Backward, step 1: the gradients at the two pre-activations, gp = g * SiLU'(pre), into gp (2, B, L, E) fp32,
-    and the weight/bias gradients: fp32 partials dw (B * n_row_tiles, 2, W_P2, E), db (B * n_row_tiles, 2, E)."""
-    pid_t = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    B = tl.num_programs(2)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    and the weight/bias gradients as fp32 per-batch-row partials dw (B, 2, W_P2, E), db (B, 2, E).
+
+    Grid (channel blocks, batch): each program walks all row tiles of its batch row, accumulating gp * x per tap
+    elementwise in registers, and reduces over rows once at the end (a cross-thread reduction per tile would cost
+    more than the tile's arithmetic). Conv widths up to 4 (the models' d_conv)."""
+    pid_e = tl.program_id(0)
+    b64 = tl.program_id(1).to(tl.int64)
+    B = tl.num_programs(1)
     e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = e_offs < E
-    m2 = (rows < L)[:, None] & e_mask[None, :]
     x_off = b64 * s_xb
-    offs = b64 * L * E + rows[:, None] * E + e_offs[None, :]
     taps = tl.arange(0, W_P2)
-    part = b64 * tl.num_programs(0) + pid_t
     w_offs = taps[:, None] * E + e_offs[None, :]
     wm = (taps < W)[:, None] & e_mask[None, :]
     for d in tl.static_range(2):  # 0: forward (causal) conv, 1: backward-branch (anti-causal) conv
@@ -456,21 +455,42 @@ def bimamba_conv_bwd_gp_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr, gb
         else:
             w_ptr, bias_ptr, g_ptr = wb_ptr, bb_ptr, gb_ptr
         bias = tl.load(bias_ptr + e_offs, mask=e_mask, other=0.0)
-        pre = _conv_pre(x_ptr, x_off, rows, s_xl, e_offs, e_mask, L, w_ptr, bias, W, d == 1)
-        s = _sigmoid(pre)
-        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)  # rows >= L: g = 0, so gp = 0
-        gp = g * s * (1.0 + pre * (1.0 - s))
-        tl.store(gp_ptr + d * B * L * E + offs, gp, mask=m2)
-        dw = tl.zeros((W_P2, BLOCK_E), tl.float32)
-        for k in tl.static_range(W):
-            if d == 0:
-                shift = k - (W - 1)
-            else:
-                shift = (W - 1) - k
-            xk = _shifted_rows(x_ptr, x_off, rows, shift, s_xl, e_offs, e_mask, L)
-            dw += tl.where(taps[:, None] == k, tl.sum(gp * xk, axis=0)[None, :], 0.0)
-        tl.store(dw_ptr + (part * 2 + d) * W_P2 * E + w_offs, dw, mask=wm)
-        tl.store(db_ptr + (part * 2 + d) * E + e_offs, tl.sum(gp, axis=0), mask=e_mask)
+        db_acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        # one elementwise accumulator per tap (W <= 4, checked by the caller)
+        acc0 = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        acc1 = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        acc2 = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        acc3 = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        for t0 in tl.range(0, L, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            m2 = (rows < L)[:, None] & e_mask[None, :]
+            offs = b64 * L * E + rows[:, None] * E + e_offs[None, :]
+            pre = _conv_pre(x_ptr, x_off, rows, s_xl, e_offs, e_mask, L, w_ptr, bias, W, d == 1)
+            s = _sigmoid(pre)
+            g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)  # rows >= L: g = 0, so gp = 0
+            gp = g * s * (1.0 + pre * (1.0 - s))
+            tl.store(gp_ptr + d * B * L * E + offs, gp, mask=m2)
+            db_acc += gp
+            for k in tl.static_range(W):
+                if d == 0:
+                    shift = k - (W - 1)
+                else:
+                    shift = (W - 1) - k
+                xk = _shifted_rows(x_ptr, x_off, rows, shift, s_xl, e_offs, e_mask, L)
+                if k == 0:
+                    acc0 += gp * xk
+                elif k == 1:
+                    acc1 += gp * xk
+                elif k == 2:
+                    acc2 += gp * xk
+                else:
+                    acc3 += gp * xk
+        dw = (tl.where(taps[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+              + tl.where(taps[:, None] == 1, tl.sum(acc1, axis=0)[None, :], 0.0)
+              + tl.where(taps[:, None] == 2, tl.sum(acc2, axis=0)[None, :], 0.0)
+              + tl.where(taps[:, None] == 3, tl.sum(acc3, axis=0)[None, :], 0.0))
+        tl.store(dw_ptr + (b64 * 2 + d) * W_P2 * E + w_offs, dw, mask=wm)
+        tl.store(db_ptr + (b64 * 2 + d) * E + e_offs, tl.sum(db_acc, axis=0), mask=e_mask)
 
 
 @triton.jit

@@ -57,7 +57,9 @@ CONFIG = {
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
     # bidirectional depthwise conv + SiLU: rows x channels per program
     "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
-    "conv_bwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
+    # backward step 1 (gp, dw, db): one program per (channel block, batch row) looping over row tiles; step 2 (dx)
+    # uses the forward's tiling
+    "conv_bwd": [dict(max_e=1 << 30, BLOCK_T=16, BLOCK_E=64, num_warps=2)],
 }
 
 
@@ -277,6 +279,8 @@ def _check_conv(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -
                            ("b_b", b_b, (E,))):
         if t.dim() != len(shape) or tuple(t.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if not 1 <= w_f.shape[-1] <= 4:
+        raise ValueError(f"the fast conv kernels support widths 1..4 (d_conv), got {w_f.shape[-1]}")
 
 
 def conv_fwd_triton(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -310,21 +314,22 @@ def conv_bwd_triton(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tenso
     W = w_f.shape[1]
     W_P2 = 1 << max(W - 1, 0).bit_length()
     cfg = _config("conv_bwd", E)
-    n_t = triton_cdiv(L, cfg["BLOCK_T"])
+    n_eb = triton_cdiv(E, cfg["BLOCK_E"])
     dx = torch.empty((b, L, E), dtype=x.dtype, device=x.device)
-    # per-(batch row, row tile) partials, summed below: deterministic, and there are few of them (B * L / BLOCK_T)
-    dw = torch.zeros((b * n_t, 2, W_P2, E), dtype=torch.float32, device=x.device)
-    db = torch.zeros((b * n_t, 2, E), dtype=torch.float32, device=x.device)
+    # per-batch-row partials, summed below (deterministic)
+    dw = torch.zeros((b, 2, W_P2, E), dtype=torch.float32, device=x.device)
+    db = torch.zeros((b, 2, E), dtype=torch.float32, device=x.device)
     if dx.numel() > 0:
         # two launches: gp = g * SiLU'(pre) of both directions (fp32, with dw/db), then dx from shifted gp rows
         gp = torch.empty((2, b, L, E), dtype=torch.float32, device=x.device)
-        grid = (n_t, triton_cdiv(E, cfg["BLOCK_E"]), b)
         w_f32, w_b32 = _param(w_f), _param(w_b)
-        K.bimamba_conv_bwd_gp_kernel[grid](
+        K.bimamba_conv_bwd_gp_kernel[(n_eb, b)](
             x, w_f32, _param(b_f), w_b32, _param(b_b), g_f, g_b, gp, dw, db, L, E, x.stride(0), x.stride(1),
             W=W, W_P2=W_P2, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
-        K.bimamba_conv_bwd_dx_kernel[grid](gp, w_f32, w_b32, dx, b, L, E, W=W, BLOCK_T=cfg["BLOCK_T"],
-                                           BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
+        dcfg = _config("conv_fwd", E)
+        K.bimamba_conv_bwd_dx_kernel[(triton_cdiv(L, dcfg["BLOCK_T"]), triton_cdiv(E, dcfg["BLOCK_E"]), b)](
+            gp, w_f32, w_b32, dx, b, L, E, W=W, BLOCK_T=dcfg["BLOCK_T"], BLOCK_E=dcfg["BLOCK_E"],
+            num_warps=dcfg["num_warps"])
     dw = dw.sum(0)[:, :W].transpose(1, 2)  # (2, E, W)
     db = db.sum(0)  # (2, E)
     # separate tensors: the op's outputs must not alias one another

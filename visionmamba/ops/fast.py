@@ -51,9 +51,11 @@ __all__ = [
 # Chosen from sweeps on an H200 (bf16, B 128, L 197, E 384 / 768): forward T 8 / BLOCK_E 32 / 2 warps with prefetch
 # (0.21 / 0.40 ms; T 4 / 32 / 1 warp 0.29 / 0.44, T 16 / 32 / 4 warps 0.23 / 0.45, no prefetch 0.34 / 0.67);
 # backward T 4 / BLOCK_E 16 / 1 warp / seg 64 (1.60 / 3.12 ms; T 2 / 16: 1.74 / 3.32, T 8 / 8: 1.84 / 3.80,
-# T 8 / 16 / 2 warps: 2.22 / 4.36; partials instead of atomics: 1.67 / 3.27). Edit this dict to override.
+# T 8 / 16 / 2 warps: 2.22 / 4.36; partials instead of atomics: 1.67 / 3.27). ``min_programs``: the forward halves
+# BLOCK_E (down to 8) until batch * channel blocks reaches it (high resolution, small batches). Edit this dict or set
+# VISIONMAMBA_FAST_CONFIG to override.
 CONFIG = {
-    "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True)],
+    "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True, min_programs=1024)],
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
     # bidirectional depthwise conv + SiLU: rows x channels per program
     "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
@@ -162,11 +164,16 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
     if out.numel() == 0:
         return out
     cfg = _config("fwd", E)
-    grid = (triton_cdiv(E, cfg["BLOCK_E"]), b)
+    block_e = cfg["BLOCK_E"]
+    # Each program walks the whole sequence, so a small batch of long sequences (high resolution) would leave most
+    # SMs idle: narrow the channel block until there are enough programs to fill the GPU.
+    while block_e > 8 and b * triton_cdiv(E, block_e) < cfg.get("min_programs", 0):
+        block_e //= 2
+    grid = (triton_cdiv(E, block_e), b)
     K.bimamba_fwd_kernel[grid](
         x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E,
         *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out),
-        T=cfg["T"], BLOCK_E=cfg["BLOCK_E"], N=N, NUM_STAGES=cfg.get("num_stages", 1),
+        T=cfg["T"], BLOCK_E=block_e, N=N, NUM_STAGES=cfg.get("num_stages", 1),
         PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"])
     return out
 

@@ -51,7 +51,11 @@ __all__ = [
 # Chosen from sweeps on an H200 (bf16, B 128, L 197, E 384 / 768): forward T 8 / BLOCK_E 32 / 2 warps with prefetch
 # (0.21 / 0.40 ms; T 4 / 32 / 1 warp 0.29 / 0.44, T 16 / 32 / 4 warps 0.23 / 0.45, no prefetch 0.34 / 0.67);
 # backward T 4 / BLOCK_E 16 / 1 warp / seg 64 (1.60 / 3.12 ms; T 2 / 16: 1.74 / 3.32, T 8 / 8: 1.84 / 3.80,
-# T 8 / 16 / 2 warps: 2.22 / 4.36; partials instead of atomics: 1.67 / 3.27). ``min_programs``: the forward halves
+# T 8 / 16 / 2 warps: 2.22 / 4.36; partials instead of atomics: 1.67 / 3.27; re-swept in a later session: T 4 / 8:
+# 1.92 / 3.70, T 2 / 16 / seg 128: 1.74 / 3.32, T 4 / 32 / 2 warps: 1.85 / 3.56, num_stages 2: slower; a
+# token-sequential design (one token per iteration, no associative scan) measured 0.53 ms forward and 2.5 ms backward
+# and was dropped). Convs: forward 0.06 / 0.11 ms, forward+backward 0.67 / 0.84 ms against 1.33 / 2.50 ms for the
+# F.conv1d path with its transposes and pads. ``min_programs``: the forward halves
 # BLOCK_E (down to 8) until batch * channel blocks reaches it (high resolution, small batches). Edit this dict or set
 # VISIONMAMBA_FAST_CONFIG to override.
 CONFIG = {

@@ -29,11 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError,
                               MissingMandatoryValue)
 from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 
 from visionmamba.checkpoint import (CheckpointError, CheckpointManager, capture_training_state, load_checkpoint,
                                     load_weights, resolve_checkpoint, restore_training_state)
-from visionmamba.data import DatasetError, build_dataset, build_loader, build_mixup, build_transform, set_sampler_epoch
+from visionmamba.data import (DECODE_MODES, DatasetError, build_dataset, build_device_transform,
+                              build_gpu_decode_loader, build_loader, build_mixup, build_transform, set_sampler_epoch)
 from visionmamba.distributed import (DistInfo, all_gather_object, all_reduce, barrier, broadcast_object, cleanup,
                                      env_rank, init_distributed, replica_digest)
 from visionmamba.engine import NonFiniteLossError, amp_dtype_for, build_criterion, evaluate, train_one_epoch
@@ -42,6 +42,8 @@ from visionmamba.models import UnknownModelError, create_model
 from visionmamba.models._pretrained import LoadReport
 from visionmamba.ops import KernelUnavailableError, resolve_backend
 from visionmamba.optim import build_optimizer, build_scheduler, scale_lr
+from visionmamba.parallel import (ParallelOptions, capture_sharded_training_state, is_sharded, shard_for_training,
+                                  wrap_ddp)
 from visionmamba.preemption import Preempted, PreemptionHandler, exit_code_for
 from visionmamba.tracking import Tracker, git_commit
 from visionmamba.utils import (config_differences, flatten_config, get_loader_rng_state, get_rng_state,
@@ -194,25 +196,47 @@ def check_image_size(model: torch.nn.Module, img_size: int, name: str) -> None:
 
 
 def build_data(data_cfg: DictConfig, reg_cfg: Optional[DictConfig], split: str, *, batch_size: int, workers: int,
-               distributed: bool, seed: int = 0):
-    """Dataset + loader of one split. Training augmentation comes from the regularizer group (``reg_cfg``)."""
+               distributed: bool, seed: int = 0, device: Optional[torch.device] = None):
+    """Dataset + loader of one split. Training augmentation comes from the regularizer group (``reg_cfg``).
+
+    ``data.decode=gpu``: the workers only read the JPEG bytes; batches are decoded and augmented on ``device``
+    (default: this process's GPU, else the CPU) and the loader yields them there (visionmamba/data/gpu_decode.py)."""
     is_training = split == "train"
+    decode = data_cfg.get("decode") or "cpu"  # configs recorded before data.decode existed mean cpu
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"data.decode={decode!r} is not one of {', '.join(DECODE_MODES)}")
+    use_gpu_decode = decode == "gpu"
+    if use_gpu_decode and (data_cfg.name == "synthetic" or data_cfg.get("in_chans", 3) != 3):
+        raise ConfigError(f"data.decode=gpu decodes RGB image files; data={data_cfg.name} with "
+                          f"in_chans={data_cfg.get('in_chans', 3)} needs data.decode=cpu")
+    make_transform = build_device_transform if use_gpu_decode else build_transform  # same arguments, same family
     common = dict(interpolation=data_cfg.interpolation, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
-    if is_training:
-        transform = build_transform(
-            True, data_cfg.img_size, crop_pct=data_cfg.crop_pct, auto_augment=reg_cfg.auto_augment,
-            three_augment=reg_cfg.three_augment, color_jitter=reg_cfg.color_jitter, reprob=reg_cfg.reprob,
-            scale=tuple(reg_cfg.scale), hflip=reg_cfg.hflip, **common)
-    else:
-        transform = build_transform(False, data_cfg.img_size, crop_pct=data_cfg.crop_pct, **common)
+    try:
+        if is_training:
+            transform = make_transform(
+                True, data_cfg.img_size, crop_pct=data_cfg.crop_pct, auto_augment=reg_cfg.auto_augment,
+                three_augment=reg_cfg.three_augment, color_jitter=reg_cfg.color_jitter, reprob=reg_cfg.reprob,
+                scale=tuple(reg_cfg.scale), hflip=reg_cfg.hflip, **common)
+        else:
+            transform = make_transform(False, data_cfg.img_size, crop_pct=data_cfg.crop_pct, **common)
+    except ValueError as exc:
+        if not use_gpu_decode:
+            raise
+        raise ConfigError(f"data.decode=gpu: {exc}") from exc  # e.g. an augmentation policy it does not implement
     dataset = build_dataset(
         data_cfg.name, split, root=data_cfg.get("root"), img_size=data_cfg.img_size,
-        num_classes=data_cfg.num_classes, transform=transform, in_chans=data_cfg.in_chans,
-        synthetic_length=data_cfg.get(f"{split}_length", 10_000), strict=data_cfg.strict)
-    loader = build_loader(
-        dataset, batch_size=batch_size, is_training=is_training, num_workers=workers, distributed=distributed,
+        num_classes=data_cfg.num_classes, transform=None if use_gpu_decode else transform,
+        in_chans=data_cfg.in_chans, synthetic_length=data_cfg.get(f"{split}_length", 10_000),
+        strict=data_cfg.strict, decode=decode)
+    loader_kwargs = dict(
+        batch_size=batch_size, is_training=is_training, num_workers=workers, distributed=distributed,
         repeated_aug=reg_cfg.repeated_aug if is_training else 0, seed=seed, pin_memory=data_cfg.pin_memory,
         persistent_workers=data_cfg.persistent_workers, prefetch_factor=data_cfg.prefetch_factor)
+    if use_gpu_decode:
+        loader = build_gpu_decode_loader(dataset, transform, device=device, prefetch=data_cfg.get("gpu_prefetch", 2),
+                                         **loader_kwargs)
+    else:
+        loader = build_loader(dataset, **loader_kwargs)
     return dataset, loader
 
 
@@ -291,7 +315,9 @@ RESUMABLE_CHANGES = ("epochs", "resume", "workers", "log_every", "progress", "de
                      "keep_last", "checkpoint_every_steps", "eval_batch_size", "compile", "kernel_backend",
                      "model.kernel_backend", "nonfinite",
                      "max_consecutive_nonfinite", "output_dir", "run_name", "mlflow.", "trust_checkpoint",
-                     "data.root", "data.strict", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor")
+                     "distributed.",
+                     "data.root", "data.strict", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
+                     "data.decode", "data.gpu_prefetch")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -329,6 +355,7 @@ class Job:
     val_dataset: Any = None
     preemption: Optional[PreemptionHandler] = None
     unreadable_reported: int = 0  # unreadable images already reported in the log
+    complexity: Optional[dict[str, Any]] = None  # params/GMACs, taken before FSDP2 shards the model (rank 0)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -374,6 +401,7 @@ def check_config(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ConfigError(f"data.root is not set: data={cfg.data.name} data.root=/path/to/dataset "
                           "(or data=digits for the bundled dataset)")
+    parallel_options(cfg)
     mixup = cfg.regularizer.mixup
     if (mixup.mixup_alpha > 0 or mixup.cutmix_alpha > 0) and mixup.mode == "batch" and cfg.batch_size % 2:
         raise ConfigError(f"mixup/cutmix in batch mode needs an even batch_size, got {cfg.batch_size}")
@@ -392,7 +420,8 @@ def build_job(cfg: DictConfig, dist_info: DistInfo) -> Job:
     log.info("run %s in %s: model=%s data=%s world_size=%d device=%s", run_label, run_dir, cfg.model.name,
              cfg.data.name, dist_info.world_size, dist_info.device)
 
-    loader_kwargs = dict(workers=cfg.workers, distributed=dist_info.is_distributed, seed=cfg.seed)
+    loader_kwargs = dict(workers=cfg.workers, distributed=dist_info.is_distributed, seed=cfg.seed,
+                         device=dist_info.device)
     train_dataset, train_loader = build_data(cfg.data, cfg.regularizer, "train", batch_size=cfg.batch_size,
                                              **loader_kwargs)
     val_dataset, val_loader = build_data(cfg.data, cfg.regularizer, "val", batch_size=cfg.eval_batch_size,
@@ -484,13 +513,35 @@ def resume(job: Job) -> None:
         log.info("changed since the checkpoint: %s: %s -> %s", key, old, new)
 
 
+def parallel_options(cfg: DictConfig) -> ParallelOptions:
+    """The ``distributed:`` block, checked (ConfigError for a bad value or an impossible combination)."""
+    block = cfg.get("distributed")
+    try:
+        options = ParallelOptions.from_mapping(OmegaConf.to_container(block, resolve=True) if block else None)
+        options.check(accum_steps=cfg.accum_steps)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return options
+
+
 def wrap_model(job: Job) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(training module, evaluation module). DDP wraps only the training forward; evaluation runs the bare model
-    on each rank's disjoint shard (no gradient sync, no buffer broadcast). torch.compile optionally on both."""
+    """(training module, evaluation module), per ``distributed.strategy``; torch.compile optionally on both.
+
+    ddp: DDP wraps only the training forward; evaluation runs the bare model on each rank's disjoint shard (no
+    gradient sync, no buffer broadcast). fsdp2: the model (and its EMA) is sharded in place and is both modules;
+    its forward holds collectives, so evaluation runs in lockstep (see :func:`evaluate_all`)."""
     train_model = job.model
     if job.dist.is_distributed:
-        device = job.dist.device
-        train_model = DistributedDataParallel(job.model, device_ids=[device.index] if device.type == "cuda" else None)
+        options = parallel_options(job.cfg)
+        if options.strategy == "fsdp2":
+            if job.dist.is_main and job.start_epoch == 0 and job.start_step == 0:
+                # fvcore traces a copy of the model, which a sharded model cannot give: count before sharding
+                job.complexity = model_complexity(job.model, job.cfg.data.img_size, in_chans=job.cfg.data.in_chans,
+                                                  device=job.dist.device)
+            shard_for_training(job.model, job.ema, job.optimizer, job.dist.device, options)
+        else:
+            train_model = wrap_ddp(job.model, job.dist.device, options)
+        log.info("distributed: %s over %d ranks", options.describe(), job.dist.world_size)
     if job.cfg.compile:
         return torch.compile(train_model), torch.compile(job.model)
     return train_model, job.model
@@ -518,8 +569,8 @@ def start_tracking(job: Job) -> Tracker:
         report_path.write_text(json.dumps(job.init_report.as_dict(), indent=2))
         tracker.log_artifact(report_path)
     if job.start_epoch == 0 and job.start_step == 0:  # once per run; fvcore traces a copy on the run's device
-        complexity = model_complexity(job.model, cfg.data.img_size, in_chans=cfg.data.in_chans,
-                                      device=job.dist.device)
+        complexity = job.complexity or model_complexity(job.model, cfg.data.img_size, in_chans=cfg.data.in_chans,
+                                                        device=job.dist.device)
         tracker.log_metrics({"model/params_m": complexity["params"] / 1e6, "model/gmacs": complexity["gmacs"]}, 0)
         log.info("model %s: %.3fM params, %.4g GMACs per %d px image (1 MAC = 1 multiply-add)", cfg.model.name,
                  complexity["params"] / 1e6, complexity["gmacs"], cfg.data.img_size)
@@ -661,7 +712,8 @@ def count_unreadable_images(job: Job) -> dict[str, float]:
 
 def evaluate_all(job: Job) -> dict[str, float]:
     """``val/*`` for the model and, when configured, ``val_ema/*`` for its EMA (every rank takes part)."""
-    kwargs = dict(amp_dtype=job.amp_dtype, progress=job.cfg.progress)
+    # an FSDP2-sharded model gathers its blocks inside the forward: every rank must run as many forwards
+    kwargs = dict(amp_dtype=job.amp_dtype, progress=job.cfg.progress, lockstep=is_sharded(job.model))
     results = {"val": evaluate(job.eval_model, job.val_loader, job.dist.device, desc="val", **kwargs)}
     if job.ema is not None and job.cfg.regularizer.ema.eval:
         results["val_ema"] = evaluate(job.ema.module, job.val_loader, job.dist.device, desc="val ema", **kwargs)
@@ -679,15 +731,21 @@ def save_checkpoint(job: Job, epoch: int, metrics: dict[str, float], is_best: bo
     sums) to resume from."""
     per_rank = all_gather_object({"global": get_rng_state(),
                                   "data": data_rng if data_rng is not None else get_loader_rng_state(job.train_loader),
-                                  "partial": partial, "digest": replica_digest(job.model)})
+                                  "partial": partial,
+                                  "digest": replica_digest(job.model, job.ema.module if job.ema else None)})
     digests = [entry.pop("digest") for entry in per_rank]
     partials = [entry.pop("partial") for entry in per_rank]
     if len(set(digests)) > 1:
-        log.error("model replicas differ across ranks after epoch %d step %d: %s", epoch, step, digests)
+        log.error("model/EMA replicas differ across ranks after epoch %d step %d: %s", epoch, step, digests)
+    sharded_state = None
+    if is_sharded(job.model):  # FSDP2: every rank takes part in gathering the full state dicts onto rank 0
+        sharded_state = capture_sharded_training_state(model=job.model, ema=job.ema, optimizer=job.optimizer,
+                                                       scheduler=job.scheduler, scaler=job.scaler,
+                                                       is_main=job.dist.is_main)
     if job.dist.is_main:
         path = job.checkpoints.save({
-            **capture_training_state(model=job.model, ema=job.ema, optimizer=job.optimizer,
-                                     scheduler=job.scheduler, scaler=job.scaler),
+            **(sharded_state or capture_training_state(model=job.model, ema=job.ema, optimizer=job.optimizer,
+                                                       scheduler=job.scheduler, scaler=job.scaler)),
             "epoch": epoch, "step_in_epoch": step, "global_step": job.num_updates, "best_top1": job.best["top1"],
             "best_epoch": job.best["epoch"], "metrics": metrics, "model_name": job.cfg.model.name,
             "config": job.resolved, "derived": job.derived, "rng": per_rank,

@@ -70,7 +70,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         report = load_weights(model, cfg.checkpoint, use_ema=cfg.use_ema, checkpoint=checkpoint)
         model.to(dist_info.device)
         _, loader = build_data(cfg.data, None, "val", batch_size=cfg.batch_size, workers=cfg.workers,
-                               distributed=dist_info.is_distributed)
+                               distributed=dist_info.is_distributed, device=dist_info.device)
         metrics = evaluate(model, loader, dist_info.device, amp_dtype=amp_dtype_for(cfg.precision),
                            progress=cfg.progress, desc="validate")
         summary = {

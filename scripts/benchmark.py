@@ -197,7 +197,8 @@ def _window_ms(step: Callable[[], Any], device: torch.device, iters: int) -> flo
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def _phase(windows: list, batch: int, peak_b: Optional[int], base_b: Optional[int]) -> Phase:
+def phase_from_windows(windows: list, batch: int, peak_b: Optional[int], base_b: Optional[int]) -> Phase:
+    """A Phase from timed windows (mean ms per step of each) of ``batch`` images per step; memory in bytes."""
     step_ms = statistics.median(windows)
     return Phase(step_ms=step_ms, step_ms_windows=windows, img_s=batch * 1e3 / step_ms,
                  spread=(max(windows) - min(windows)) / step_ms,
@@ -226,7 +227,7 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, iters
         step()
     base = _memory_start(device)
     windows = [_window_ms(step, device, iters) for _ in range(repeats)]
-    return _phase(windows, batch, _memory_peak(device), base)
+    return phase_from_windows(windows, batch, _memory_peak(device), base)
 
 
 def warm_up_gpu(device: torch.device, seconds: float) -> None:
@@ -453,7 +454,7 @@ def run_interleaved(specs: list[RowSpec], args, device, dtype, on_progress) -> t
         for i, row in enumerate(live):
             if row.result.error:
                 continue
-            result = _phase(windows[i], args.batch_size, None, None)
+            result = phase_from_windows(windows[i], args.batch_size, None, None)
             result.act_mem_gib = None if act[i] is None else act[i] / GIB
             setattr(row.result, phase, result)
             if phase == "train" and _wants_profile(row.spec, args):

@@ -127,7 +127,7 @@ def fw() -> SimpleNamespace:
     """The framework-test helpers of this file, as one object."""
     return SimpleNamespace(REPO=REPO, CONF=CONF, run_script=run_script, compose_train=compose_train,
                            fast_train_args=fast_train_args, synthetic_args=synthetic_args,
-                           tracking_args=tracking_args, mlflow_runs=mlflow_runs)
+                           tracking_args=tracking_args, mlflow_runs=mlflow_runs, script_env=script_env)
 
 
 # ---- reliability tests (tests/test_reliability.py): scripts run in the background, to be signalled or killed ----

@@ -40,7 +40,8 @@ def imagefolder_root(tmp_path_factory):
 
 def tiny_job_overrides(data_name: str, digits_root, imagefolder_root) -> list[str]:
     roots = {"digits": [f"data.root={digits_root}"], "synthetic": ["data.train_length=16", "data.val_length=8"],
-             "imagefolder": [f"data.root={imagefolder_root}", "data.num_classes=2"]}
+             "imagefolder": [f"data.root={imagefolder_root}", "data.num_classes=2"],
+             "imagefolder_gpu": [f"data.root={imagefolder_root}", "data.num_classes=2"]}
     return [f"data={data_name}", *roots[data_name], "data.img_size=32", "batch_size=4", "workers=0",
             "model=vim_test", "epochs=2", "optimizer.schedule.warmup_epochs=1"]
 

@@ -425,8 +425,8 @@ def test_command_line_errors_are_one_line_exit_2_and_touch_nothing(existing_run,
 @pytest.mark.parametrize(("override", "expected"), [
     ("optimizer.bse_lr=1", r"unknown config option 'optimizer.bse_lr' \(did you mean base_lr.*\); valid keys of "
                            r"optimizer: name, base_lr, "),
-    ("data=imagefolderr", r"unknown data=imagefolderr \(did you mean imagefolder\?\); valid data options: digits, "
-                          r"imagefolder, synthetic"),
+    ("data=imagefolderr", r"unknown data=imagefolderr \(did you mean imagefolder or imagefolder_gpu\?\); valid data "
+                          r"options: digits, imagefolder, imagefolder_gpu, synthetic"),
     ("epochs=[1", r"cannot parse the override 'epochs=\[1': no viable alternative"),
 ])
 def test_config_composition_errors_read_as_one_line(override, expected, fw):

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -154,11 +154,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def replica_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer. Equal on all ranks unless DDP replicas drifted apart (a parameter
-    outside DDP, a buffer updated on one rank only, non-deterministic collectives); compare with all_gather."""
+def replica_digest(*modules: Optional[torch.nn.Module]) -> str:
+    """SHA-256 over every parameter and buffer of ``modules`` (e.g. the model and its EMA copy; None entries are
+    skipped). Equal on all ranks unless replicas drifted apart (a parameter outside DDP, a buffer updated on one
+    rank only, an EMA that started from another rank's initialisation, non-deterministic collectives); compare with
+    all_gather. An FSDP2-sharded tensor (DTensor) is hashed in full, which gathers it: a collective, so every rank
+    must call this with the same modules."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for index, module in enumerate(m for m in modules if m is not None):
+        for name, tensor in sorted(module.state_dict().items()):
+            full_tensor = getattr(tensor, "full_tensor", None)
+            if callable(full_tensor):
+                tensor = full_tensor()
+            digest.update(f"{index}.{name}".encode() if index else name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

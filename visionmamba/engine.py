@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .distributed import all_reduce, get_world_size, is_main_process
+from .parallel import reshard_after_eval
 from .utils import format_duration, peak_memory_gb
 
 __all__ = [
@@ -58,6 +59,23 @@ def build_criterion(*, mixup_active: bool, label_smoothing: float) -> nn.Module:
 
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    """FSDP2's counterpart of ``DDP.no_sync``: keep the micro-step's gradients unsharded and local (no
+    reduce-scatter); the last micro-step of the update reduces the accumulated sum once."""
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def _local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (``clip_grad_norm_`` over FSDP2's sharded gradients returns one) as a plain tensor."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -174,8 +192,11 @@ def train_one_epoch(
         raise ValueError(f"the train loader has {len(loader)} batches per rank, fewer than accum_steps={accum_steps}")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step={start_step} is outside this epoch's {steps} updates")
-    # no_sync skips DDP's gradient all-reduce on the micro-steps whose gradients are only accumulated.
+    # no_sync skips DDP's gradient all-reduce (FSDP2: the reduce-scatter) on the micro-steps whose gradients are
+    # only accumulated.
     no_sync = getattr(model, "no_sync", None)
+    if no_sync is None and accum_steps > 1 and hasattr(module, "set_requires_gradient_sync"):
+        no_sync = lambda: _fsdp_no_sync(module)  # noqa: E731
 
     bar = _Progress(steps, desc or f"epoch {epoch}", progress, initial=start_step)
     resumed = resume_totals or {}
@@ -220,7 +241,7 @@ def train_one_epoch(
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 unscaled = True
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            grad_norm = _local_value(torch.nn.utils.clip_grad_norm_(params, clip_grad))
         # Non-finite check, agreed by all ranks in one all-reduce (this is also the step's only host sync).
         # A non-finite grad norm under a GradScaler is ordinary fp16 overflow: the scaler skips that step itself.
         # The third entry carries this rank's stop request (preemption), so the ranks agree on it for free.
@@ -267,13 +288,18 @@ def train_one_epoch(
         bar.step()
 
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed = time.perf_counter() - window_start
+            # Global numbers, identical in the progress line and MLflow: the loss is the mean over every rank's
+            # updates (each the mean of an equal-sized batch: training loaders drop the last partial batch, so this
+            # is the mean over all ranks' samples), img/s counts all ranks' images over the slowest rank's time,
+            # and memory is the largest rank's peak.
             totals = all_reduce(window.clone(), "sum").tolist()
+            elapsed, peak_gb = all_reduce(torch.tensor([time.perf_counter() - window_start, peak_memory_gb(device)],
+                                                       dtype=torch.float64), "max").tolist()
             metrics = {
                 "train/loss": totals[0] / max(totals[1], 1.0),
                 "train/lr": max(group["lr"] for group in optimizer.param_groups),
                 "throughput/img_per_s": totals[2] / max(elapsed, 1e-9),
-                "memory/max_allocated_gb": peak_memory_gb(device),
+                "memory/max_allocated_gb": peak_gb,
             }
             metrics["throughput/img_per_s_per_gpu"] = metrics["throughput/img_per_s"] / world_size
             if grad_norm is not None:
@@ -297,7 +323,7 @@ def train_one_epoch(
             break
     bar.close()
 
-    epoch_time = time.perf_counter() - epoch_start
+    epoch_time = all_reduce(torch.tensor([time.perf_counter() - epoch_start], dtype=torch.float64), "max").item()
     totals = all_reduce(torch.tensor([float(loss_total), loss_count, images_seen], dtype=torch.float64), "sum")
     return {
         "loss": (totals[0] / max(totals[1], 1.0)).item(),
@@ -336,17 +362,31 @@ def evaluate(
     amp_dtype: Optional[torch.dtype] = None,
     progress: str = "auto",
     desc: str = "eval",
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Top-1/top-5 (%), mean cross-entropy and global img/s over the whole evaluation set.
 
     Exact under DDP when each rank's loader holds a disjoint shard (``DistributedEvalSampler``: no padding, no
     duplicates): per-rank sums are all-reduced once at the end, so shards may differ in size. Pass the unwrapped
     model (not the DDP wrapper): evaluation needs no gradient sync and must not broadcast buffers.
+
+    ``lockstep``: the forward itself holds collectives (an FSDP2-sharded model all-gathers each block), so every
+    rank must run the same number of forwards: a rank whose shard has fewer batches repeats its last batch until
+    the others are done, and those extra outputs are not counted. The FSDP2 root's gathered parameters are freed
+    at the end.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct@1, correct@5, samples
     bar = _Progress(len(loader), desc, progress)  # a bar on a terminal; no periodic lines for a short pass
     start = time.perf_counter()
+    padding_forwards = 0
+    if lockstep:
+        most = int(all_reduce(torch.tensor([len(loader)], dtype=torch.int64, device=device), "max").item())
+        padding_forwards = most - len(loader)
+        if padding_forwards and len(loader) == 0:
+            raise ValueError("this rank's evaluation shard is empty (fewer samples than ranks), so it cannot take "
+                             "part in a sharded model's forward passes")
+    images = None
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -363,7 +403,12 @@ def evaluate(
             torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
         ])
         bar.step()
+    for _ in range(padding_forwards):  # keep the other ranks' all-gathers company; the output is discarded
+        with _autocast(device, amp_dtype):
+            model(images)
     bar.close()
+    if lockstep:
+        reshard_after_eval(_unwrap(model))
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     all_reduce(sums, "sum")
     all_reduce(elapsed, "max")  # global throughput = all images / the slowest rank's wall time
@@ -377,4 +422,3 @@ def evaluate(
         "img_per_s": n / max(elapsed.item(), 1e-9),
         "num_samples": int(n),
     }
-

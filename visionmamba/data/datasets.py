@@ -80,6 +80,16 @@ class SafeImageFolder(ImageFolder):
         return self._bad_flags.clone()
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        _, sample, target = self.first_readable(index, self.loader)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+    def first_readable(self, index: int, read: Callable[[str], Any]) -> tuple[int, Any, int]:
+        """``(i, read(path_i), target_i)`` of the first sample from ``index`` on (wrapping around) that ``read``
+        can decode; the unreadable ones on the way are flagged, warned about and skipped (or raise when strict)."""
         num_samples = len(self.samples)
         for offset in range(num_samples):
             i = (index + offset) % num_samples
@@ -87,20 +97,19 @@ class SafeImageFolder(ImageFolder):
                 continue
             path, target = self.samples[i]
             try:
-                sample = self.loader(path)
+                return i, read(path), target
             except _DECODE_ERRORS as exc:
-                if self.strict:
-                    raise CorruptImageError(f"Cannot decode image '{path}' ({type(exc).__name__}: {exc}).") from exc
-                self._bad_flags[i] = 1
-                warnings.warn(f"Skipping unreadable image '{path}' ({type(exc).__name__}: {exc}).",
-                              CorruptImageWarning, stacklevel=2)
-                continue
-            if self.transform is not None:
-                sample = self.transform(sample)
-            if self.target_transform is not None:
-                target = self.target_transform(target)
-            return sample, target
+                self.flag_unreadable(i, exc)
         raise DatasetError(f"Every image under '{self.root}' is unreadable; check the dataset files.")
+
+    def flag_unreadable(self, index: int, exc: BaseException) -> None:
+        """Records sample ``index`` as unreadable and warns once; raises :class:`CorruptImageError` when strict."""
+        path = self.samples[index][0]
+        if self.strict:
+            raise CorruptImageError(f"Cannot decode image '{path}' ({type(exc).__name__}: {exc}).") from exc
+        self._bad_flags[index] = 1
+        warnings.warn(f"Skipping unreadable image '{path}' ({type(exc).__name__}: {exc}).", CorruptImageWarning,
+                      stacklevel=4)  # the caller of __getitem__ (or load_decoded), as before
 
 
 class SyntheticDataset(Dataset):
@@ -153,6 +162,7 @@ def build_dataset(
         synthetic_length: int = 10_000,
         in_chans: int = 3,
         strict: bool = False,
+        decode: str = "cpu",
 ) -> Dataset:
     """Builds one split of a dataset.
 
@@ -169,6 +179,9 @@ def build_dataset(
         synthetic_length: Number of samples of ``"synthetic"``.
         in_chans: Channels of ``"synthetic"`` images.
         strict: Folder datasets raise :class:`CorruptImageError` on an unreadable image instead of skipping it.
+        decode: ``"cpu"``: folder samples are decoded by PIL and transformed by ``transform``. ``"gpu"``: an
+            :class:`~visionmamba.data.gpu_decode.EncodedImageFolder` of encoded file bytes, for
+            :class:`~visionmamba.data.gpu_decode.GpuDecodeLoader` (``transform`` is not used).
 
     Returns:
         A map-style dataset of ``(image, label)`` pairs. Folder datasets are :class:`SafeImageFolder`
@@ -184,6 +197,10 @@ def build_dataset(
         raise DatasetError(f"Unknown dataset '{name}'; valid names are {', '.join(DATASET_NAMES)}.")
     if split not in SPLITS:
         raise DatasetError(f"Unknown split '{split}'; valid splits are {', '.join(SPLITS)}.")
+    if decode not in ("cpu", "gpu"):
+        raise DatasetError(f"Unknown decode mode '{decode}'; valid modes are cpu, gpu.")
+    if decode == "gpu" and name == "synthetic":
+        raise DatasetError("decode='gpu' decodes image files; the synthetic dataset has none (use decode='cpu').")
 
     if name == "synthetic":
         return SyntheticDataset(
@@ -199,6 +216,10 @@ def build_dataset(
     if root is None:
         raise DatasetError("The imagefolder dataset needs a root directory (root=None was given).")
     split_dir = check_imagefolder(root, split, num_classes=num_classes)
+    if decode == "gpu":
+        from .gpu_decode import EncodedImageFolder  # gpu_decode imports this module
+
+        return EncodedImageFolder(split_dir, strict=strict)
     if transform is None:
         transform = build_transform(split == "train", img_size)
     return SafeImageFolder(split_dir, transform=transform, strict=strict)

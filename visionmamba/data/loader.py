@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import signal
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -90,6 +92,7 @@ def build_loader(
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         drop_last: bool | None = None,
+        collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Builds the DataLoader of one split.
 
@@ -121,6 +124,7 @@ def build_loader(
         persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
         prefetch_factor: Batches prefetched per worker (only with ``num_workers > 0``).
         drop_last: Drop the last incomplete batch; None means ``is_training``.
+        collate_fn: Batch collation (None: PyTorch's default, which stacks equal-size tensors).
 
     Returns:
         A :class:`ResumableDataLoader`; ``loader.sampler`` is the sampler chosen above. Its workers ignore
@@ -156,16 +160,32 @@ def build_loader(
     if num_workers > 0:
         worker_kwargs = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
                          "worker_init_fn": _ignore_preemption_signals}
-    return ResumableDataLoader(
+    loader = ResumableDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         drop_last=drop_last,
+        collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + _RANK_SEED_STRIDE * (rank + 1)),
         **worker_kwargs,
     )
+    if num_workers > 0 and persistent_workers:
+        # The workers ignore SIGTERM, which is how multiprocessing's exit hook stops daemon children before joining
+        # them: a loader whose persistent workers are still alive at interpreter exit (a module-level loader, or
+        # one kept alive by a traceback) would hang the exit. Shut them down first (weakref.finalize's exit hook
+        # runs before multiprocessing's); without a reference, so garbage collection is unaffected.
+        weakref.finalize(loader, _shutdown_persistent_workers, weakref.ref(loader))
+    return loader
+
+
+def _shutdown_persistent_workers(loader_ref: weakref.ref) -> None:
+    loader = loader_ref()
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def set_sampler_epoch(loader: DataLoader, epoch: int) -> None:

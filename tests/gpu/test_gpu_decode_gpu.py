@@ -76,8 +76,12 @@ def test_nvjpeg_matches_cpu_decode(name, check):
         diff = (image.cpu().int() - cpu.int()).abs().float()
         check.record(image.cpu().double(), cpu.double(), f"decode:{name}", "uint8", mean_abs=diff.mean().item(),
                      p99=torch.quantile(diff.flatten(), 0.99).item())
-        # IDCT and chroma upsampling differ between nvJPEG and libjpeg: about a level on average, more at colour edges
-        assert diff.mean() < 3.0 and torch.quantile(diff.flatten(), 0.99) < 24, (diff.mean(), diff.max())
+        # IDCT and chroma upsampling differ between nvJPEG and libjpeg-turbo (whose "fancy" triangle-filter
+        # upsampling nvJPEG does not do). Measured on an H200 (torchvision 0.26, this colour-textured image): 4:4:4 and
+        # grayscale within ~1 level; 4:2:0 / 4:2:2 6.3 / 4.2 levels mean, up to 58 at sharp colour edges.
+        subsampled = name in ("baseline_420_q90", "baseline_422_q75", "progressive_420")
+        mean_tol, p99_tol = (10.0, 48.0) if subsampled else (3.0, 24.0)
+        assert diff.mean() < mean_tol and torch.quantile(diff.flatten(), 0.99) < p99_tol, (diff.mean(), diff.max())
 
 
 def _loader(root: Path, split: str, *, prefetch: int, seed: int = 0, img_size: int = 64, batch_size: int = 8):
@@ -138,4 +142,8 @@ def test_cuda_fallbacks_and_unreadable_files(jpeg_root, tmp_path):
         batches = list(loader)
     assert len(batches) == 1 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][0].is_cuda
     assert dataset.num_bad_files == 1, "nvJPEG accepted a JPEG with a bogus Huffman table (not counted as unreadable)"
-    assert torch.equal(batches[0][0][2], batches[0][0][3])  # the unreadable file was replaced by the next one
+    # the unreadable file was replaced by the next one; that copy was decoded by the fallback route (libjpeg), the
+    # original by nvJPEG, so they agree to decoder tolerance (normalised units: one level ~ 0.017), not bit for bit
+    images = batches[0][0]
+    assert (images[2] - images[3]).abs().mean() < 0.2
+    assert (images[2] - images[3]).abs().mean() < 0.25 * (images[2] - images[1]).abs().mean()

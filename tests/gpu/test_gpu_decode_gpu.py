@@ -145,5 +145,4 @@ def test_cuda_fallbacks_and_unreadable_files(jpeg_root, tmp_path):
     # the unreadable file was replaced by the next one; that copy was decoded by the fallback route (libjpeg), the
     # original by nvJPEG, so they agree to decoder tolerance (normalised units: one level ~ 0.017), not bit for bit
     images = batches[0][0]
-    assert (images[2] - images[3]).abs().mean() < 0.2
-    assert (images[2] - images[3]).abs().mean() < 0.25 * (images[2] - images[1]).abs().mean()
+    assert (images[2] - images[3]).abs().mean() < 0.15

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _IGNORED_OPS = (
     "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::div", "aten::div_",
     "aten::exp", "aten::neg", "aten::silu", "aten::silu_", "aten::gelu", "aten::sigmoid", "aten::softplus",
-    "aten::flip", "aten::pow", "aten::mean", "aten::rsqrt", "aten::sqrt", "aten::cat", "aten::index_select",
+    "aten::flip", "aten::pow", "aten::mean", "aten::rms_norm", "aten::rsqrt", "aten::sqrt", "aten::cat", "aten::index_select",
     "aten::softmax", "aten::log", "aten::clamp", "aten::clamp_min", "aten::expm1", "aten::sum", "aten::cumsum",
     "aten::permute", "aten::repeat", "aten::roll", "aten::pad", "aten::constant_pad_nd", "aten::stack",
     "aten::unbind", "aten::abs", "aten::max_pool2d", "aten::avg_pool2d", "aten::adaptive_avg_pool1d",

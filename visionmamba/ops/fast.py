@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .ref import _scan as _scan_plain  # chunked on GPUs, stepwise on CPUs; plain differentiable torch ops
-from .ref import selective_scan_ref
+from .ref import causal_conv1d_ref, selective_scan_ref
 
 __all__ = [
     "CONFIG",
@@ -258,11 +258,18 @@ def bimamba_scan_reference(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, 
     return tr((y_f + y_b) * 0.5).to(x_f.dtype)
 
 
+def _vjp_reference(fn, cotangent, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients of the pure-PyTorch ``fn`` at ``inputs``, each in its input's dtype, for the custom ops' CPU path.
+
+    torch.func.vjp, not torch.autograd.grad (and plain-op scans, not the autograd.Function `selective_scan_ref`):
+    inside a custom op's implementation the Autograd dispatch keys are excluded, so plain autograd would record
+    nothing; functorch's grad transform re-enables them for its scope."""
+    _, vjp = torch.func.vjp(fn, *[t.detach() for t in inputs])
+    return [gr.to(t.dtype).contiguous() for gr, t in zip(vjp(cotangent), inputs)]
+
+
 def _reference_backward(grad: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
-    # torch.func.vjp, not torch.autograd.grad (and plain-op scans, not the autograd.Function `selective_scan_ref`): inside a custom op's implementation the Autograd dispatch keys are
-    # excluded, so plain autograd would record nothing; functorch's grad transform re-enables them for its scope.
-    _, vjp = torch.func.vjp(lambda *a: bimamba_scan_reference(*a, scan=_scan_plain), *[t.detach() for t in inputs])
-    return [gr.to(t.dtype).contiguous() for gr, t in zip(vjp(grad), inputs)]
+    return _vjp_reference(lambda *a: bimamba_scan_reference(*a, scan=_scan_plain), grad, inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,15 +277,12 @@ def _reference_backward(grad: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def bimamba_conv_reference(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) -> tuple[Tensor, Tensor]:
-    """`bimamba_conv` with `F.conv1d` (pure PyTorch): the causal conv and the anti-causal one (the official conv1d_b
-    on the flipped sequence, seen on the unflipped time axis: kernel reversed, padding on the right), each + SiLU."""
-    import torch.nn.functional as F
-
-    E, W = w_f.shape
+    """`bimamba_conv` in pure PyTorch, by its official definition: `causal_conv1d_ref` + SiLU of x, and of the flipped
+    sequence with conv1d_b's kernel, flipped back."""
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32 maths for bf16/fp16 inputs, as the kernel does
     x_t = x.transpose(1, 2).to(acc)  # (B, E, L)
-    x_f = F.silu(F.conv1d(F.pad(x_t, (W - 1, 0)), w_f.to(acc)[:, None, :], b_f.to(acc), groups=E))
-    x_b = F.silu(F.conv1d(F.pad(x_t, (0, W - 1)), w_b.to(acc).flip(-1)[:, None, :], b_b.to(acc), groups=E))
+    x_f = causal_conv1d_ref(x_t, w_f.to(acc), b_f.to(acc), activation="silu")
+    x_b = causal_conv1d_ref(x_t.flip(-1), w_b.to(acc), b_b.to(acc), activation="silu").flip(-1)
     return x_f.transpose(1, 2).to(x.dtype).contiguous(), x_b.transpose(1, 2).to(x.dtype).contiguous()
 
 
@@ -425,9 +429,7 @@ def _bimamba_conv_bwd_op(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: 
                          b_b: Tensor) -> list[Tensor]:
     if uses_triton(x.device):
         return conv_bwd_triton(g_f, g_b, x, w_f, b_f, w_b, b_b)
-    inputs = [t.detach() for t in (x, w_f, b_f, w_b, b_b)]
-    _, vjp = torch.func.vjp(bimamba_conv_reference, *inputs)
-    return [gr.to(t.dtype).contiguous() for gr, t in zip(vjp((g_f, g_b)), inputs)]
+    return _vjp_reference(bimamba_conv_reference, (g_f, g_b), (x, w_f, b_f, w_b, b_b))
 
 
 @_bimamba_conv_bwd_op.register_fake

@@ -134,6 +134,22 @@ def check(request) -> Checker:
     return Checker(request.node.name)
 
 
+@pytest.fixture
+def model_pair():
+    """``model_pair(name, backend)`` -> (model on ``backend``, the same weights on ``ref``), both on the GPU."""
+
+    def make(name: str, backend: str = "cuda"):
+        from visionmamba import create_model
+
+        torch.manual_seed(0)
+        model = create_model(name, kernel_backend=backend).to("cuda")
+        ref = create_model(name, kernel_backend="ref").to("cuda")
+        ref.load_state_dict(model.state_dict())
+        return model, ref
+
+    return make
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RECORDS:
         return

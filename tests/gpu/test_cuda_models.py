@@ -2,30 +2,14 @@
 step's gradients, fp32 and bf16 autocast. Skipped without CUDA and the kernels (conftest)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from visionmamba import create_model
 
 MODELS = ("vim_tiny", "shufflemamba_reg_tiny")
 DEV = "cuda"
 BATCH, IMG = 2, 224
-
-
-def _pair(name: str):
-    """(cuda model, ref model) with identical weights."""
-    torch.manual_seed(0)
-    m_cuda = create_model(name, kernel_backend="cuda").to(DEV)
-    m_ref = create_model(name, kernel_backend="ref").to(DEV)
-    m_ref.load_state_dict(m_cuda.state_dict())
-    return m_cuda, m_ref
-
-
-def _amp(dtype):
-    return torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def _train_step(model, images, labels, dtype, seed):
@@ -33,7 +17,7 @@ def _train_step(model, images, labels, dtype, seed):
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with _amp(dtype):
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         logits = model(images)
     loss = F.cross_entropy(logits.float(), labels)
     loss.backward()
@@ -42,13 +26,13 @@ def _train_step(model, images, labels, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", MODELS)
-def test_eval_logits(name, dtype, check):
-    m_cuda, m_ref = _pair(name)
+def test_eval_logits(name, dtype, check, model_pair):
+    m_cuda, m_ref = model_pair(name)
     m_cuda.eval()
     m_ref.eval()
     images = torch.randn(BATCH, 3, IMG, IMG, device=DEV)
     with torch.no_grad():
-        with _amp(dtype):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             out_c, out_r = m_cuda(images), m_ref(images)
         if dtype == torch.float32:
             check(out_c, out_r, "logits", dtype, None)
@@ -60,9 +44,9 @@ def test_eval_logits(name, dtype, check):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", MODELS)
-def test_training_step_gradients(name, dtype, check):
+def test_training_step_gradients(name, dtype, check, model_pair):
     """Loss and every parameter's gradient after one train-mode step (shuffle active for the Reg model)."""
-    m_cuda, m_ref = _pair(name)
+    m_cuda, m_ref = model_pair(name)
     images = torch.randn(BATCH, 3, IMG, IMG, device=DEV)
     labels = torch.randint(0, 1000, (BATCH,), device=DEV)
     loss_c, g_c = _train_step(m_cuda, images, labels, dtype, seed=123)

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from visionmamba import create_model
 
 
 @pytest.fixture(autouse=True)
@@ -14,26 +13,18 @@ def _require_cuda():  # the fast path needs CUDA + triton only, not mamba-ssm
     torch.backends.cudnn.allow_tf32 = False
 
 
-def _pair(name):
-    torch.manual_seed(0)
-    fast = create_model(name, kernel_backend="fast").cuda()
-    ref = create_model(name, kernel_backend="ref").cuda()
-    ref.load_state_dict(fast.state_dict())
-    return fast, ref
-
-
 @pytest.mark.parametrize("name", ["vim_tiny", "shufflemamba_reg_tiny"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_logits_match_ref(name, dtype, check):
-    fast, ref = _pair(name)
+def test_fast_logits_match_ref(name, dtype, check, model_pair):
+    fast, ref = model_pair(name, "fast")
     fast.eval(), ref.eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         check(fast(x).float(), ref(x).float(), f"{name}:logits", dtype, seqlen=197, scale=2.0)
 
 
-def test_fast_train_step_gradients_match_ref(check):
-    fast, ref = _pair("vim_tiny")
+def test_fast_train_step_gradients_match_ref(check, model_pair):
+    fast, ref = model_pair("vim_tiny", "fast")
     x = torch.randn(2, 3, 224, 224, device="cuda")
     target = torch.randint(0, 1000, (2,), device="cuda")
     for model in (fast, ref):

@@ -4,30 +4,15 @@ MambaOut has no selective scan (kernel_backend is ignored), so it has nothing to
 Skipped without CUDA and the kernels (tests/gpu/conftest.py)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from visionmamba import create_model, ops
+from visionmamba import ops
 
 MODELS = ("vmamba_tiny", "local_vim_tiny", "local_vmamba_tiny")
 DEV = "cuda"
 BATCH, IMG = 2, 224
-
-
-def _pair(name: str):
-    """(cuda model, ref model) with identical weights."""
-    torch.manual_seed(0)
-    m_cuda = create_model(name, kernel_backend="cuda").to(DEV)
-    m_ref = create_model(name, kernel_backend="ref").to(DEV)
-    m_ref.load_state_dict(m_cuda.state_dict())
-    return m_cuda, m_ref
-
-
-def _amp(dtype):
-    return torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def _scan_inputs(groups: int, d_state: int, with_z: bool, dtype: torch.dtype) -> dict:
@@ -72,13 +57,13 @@ def test_grouped_selective_scan(groups, d_state, with_z, dtype, check):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", MODELS)
-def test_eval_logits(name, dtype, check):
-    m_cuda, m_ref = _pair(name)
+def test_eval_logits(name, dtype, check, model_pair):
+    m_cuda, m_ref = model_pair(name)
     m_cuda.eval()
     m_ref.eval()
     images = torch.randn(BATCH, 3, IMG, IMG, device=DEV)
     with torch.no_grad():
-        with _amp(dtype):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             out_c, out_r = m_cuda(images), m_ref(images)
         assert torch.isfinite(out_c).all()
         if dtype == torch.float32:
@@ -103,8 +88,8 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_training_step_gradients(name, check):
-    m_cuda, m_ref = _pair(name)
+def test_training_step_gradients(name, check, model_pair):
+    m_cuda, m_ref = model_pair(name)
     images = torch.randn(BATCH, 3, IMG, IMG, device=DEV)
     labels = torch.randint(0, 1000, (BATCH,), device=DEV)
     loss_c, g_c = _train_step(m_cuda, images, labels, seed=123)

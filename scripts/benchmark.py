@@ -296,22 +296,44 @@ def profile_train(step: Callable[[], Any], device: torch.device, steps: int, top
         _sync(device)
     if device.type == "cuda":
         per_kernel: dict[str, list] = {}
+        intervals = []
         for evt in prof.events():
             if evt.device_type == DeviceType.CUDA:
                 entry = per_kernel.setdefault(evt.name, [0.0, 0])
                 entry[0] += evt.device_time_total
                 entry[1] += 1
+                intervals.append((evt.time_range.start, evt.time_range.end))
         if not per_kernel:
             log.warning("the profiler recorded no CUDA kernel events; printing its operator table instead")
             return {"unit": "ops", "table": prof.key_averages().table(sort_by="self_device_time_total",
                                                                       row_limit=top)}
         total = sum(v[0] for v in per_kernel.values())
         rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+        span_us, busy_us = _busy(intervals)
         return {"unit": "us per step", "total_gpu_us_per_step": total / steps,
+                # GPU idle gaps mean the host (Python, launches, hooks) is the bottleneck; the profiler's own
+                # per-op overhead makes this a lower bound
+                "span_us_per_step": span_us / steps, "gpu_busy_pct": 100.0 * busy_us / max(span_us, 1e-9),
                 "top": [{"name": name, "us_per_step": us / steps, "calls_per_step": n / steps,
                          "pct": 100.0 * us / max(total, 1e-9)} for name, (us, n) in rows]}
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
     return {"unit": "cpu", "table": table}
+
+
+def _busy(intervals: list) -> tuple[float, float]:
+    """(span from the first kernel start to the last kernel end, time with at least one kernel running), in us."""
+    if not intervals:
+        return 0.0, 0.0
+    intervals.sort()
+    busy, cur_start, cur_end = 0.0, intervals[0][0], intervals[0][1]
+    for start, end in intervals[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return max(end for _, end in intervals) - intervals[0][0], busy
 
 
 def print_profile(label: str, prof: dict) -> None:
@@ -319,7 +341,9 @@ def print_profile(label: str, prof: dict) -> None:
     if "table" in prof:
         print(prof["table"])
         return
-    print(f"GPU time per step: {prof['total_gpu_us_per_step'] / 1e3:.2f} ms")
+    print(f"GPU time per step: {prof['total_gpu_us_per_step'] / 1e3:.2f} ms; GPU busy "
+          f"{prof.get('gpu_busy_pct', float('nan')):.1f}% of the {prof.get('span_us_per_step', 0.0) / 1e3:.2f} ms "
+          f"per step between the first and the last kernel")
     print(f"{'%':>6s} {'ms/step':>9s} {'calls':>6s}  kernel")
     for r in prof["top"]:
         name = r["name"] if len(r["name"]) <= 110 else r["name"][:107] + "..."

@@ -125,7 +125,7 @@ def _measure(model_name: str, options: Optional[ParallelOptions], args, device: 
     """One model under one setting (None: one process, no wrapper) on this rank; this rank's timing windows."""
     from visionmamba import parallel
 
-    spec = bench.RowSpec(model_name, args.backend, args.shuffle, False, model_name, args.warmup, args.iters,
+    spec = bench.RowSpec(model_name, args.backend, args.shuffle, args.compile, model_name, args.warmup, args.iters,
                          args.repeats)
     result = bench.RowResult(label=model_name, model=model_name, family="?")
     torch.manual_seed(args.seed)
@@ -142,6 +142,8 @@ def _measure(model_name: str, options: Optional[ParallelOptions], args, device: 
     elif options is not None:
         parallel.shard_model(model, device, options)
         knobs = dict(sharded_units=len(parallel.block_modules(model)) + 1)
+    if args.compile:  # around the DDP / FSDP2 wrapper, as train.py does (DDP's optimizer splits at buckets)
+        train_model = torch.compile(train_model)
     generator = torch.Generator(device="cpu").manual_seed(args.seed + rank)  # every rank its own batch
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator).to(device)
@@ -149,6 +151,8 @@ def _measure(model_name: str, options: Optional[ParallelOptions], args, device: 
     phase = bench.time_steps(step, device, args.warmup, args.iters, args.repeats, args.batch_size)
     out = dict(windows=phase.step_ms_windows, peak_mem_gib=phase.peak_mem_gib, params_m=result.params_m,
                backend=result.backend, knobs=knobs)
+    if args.profile:  # this rank's GPU busy fraction and top kernels (all-reduce kernels included)
+        out["profile"] = bench.profile_train(step, device, args.profile_steps, args.profile_top)
     optimizer.zero_grad(set_to_none=True)
     del step, optimizer, train_model, model
     _release(device)
@@ -164,7 +168,13 @@ def _row(model_name: str, label: str, nproc: int, per_rank: list[dict], batch: i
     return dict(model=model_name, setting=label, nproc=nproc, repo_default=default, img_s=phase.img_s,
                 img_s_per_gpu=phase.img_s / nproc, step_ms=phase.step_ms, step_ms_windows=windows,
                 spread=phase.spread, peak_mem_gib=max(peaks) if peaks else None, params_m=first["params_m"],
-                backend=first["backend"], knobs=first["knobs"], efficiency=None, baseline_img_s=None, error=None)
+                backend=first["backend"], knobs=first["knobs"], efficiency=None, baseline_img_s=None, error=None,
+                profiles=[r["profile"] for r in per_rank if "profile" in r])
+
+
+def _print_profiles(row: dict) -> None:
+    for rank, prof in enumerate(row.get("profiles") or []):
+        bench.print_profile(f"{row['model']} {row['setting']} x{row['nproc']}, rank {rank}", prof)
 
 
 def run_worker(args) -> list[dict]:
@@ -194,6 +204,7 @@ def run_worker(args) -> list[dict]:
                     log.info("%s: one process, no wrapper", model_name)
                     single = _measure(model_name, None, args, device, dtype, 1, 0)
                     rows.append(_row(model_name, SINGLE, 1, [single], args.batch_size, False))
+                    _print_profiles(rows[-1])
                     save()
                 barrier()
             if world == 1:
@@ -207,6 +218,7 @@ def run_worker(args) -> list[dict]:
                 if rank == 0:
                     rows.append(_row(model_name, label, world, per_rank, args.batch_size, is_repo_default(options)))
                     log.info("%s %s: %.1f img/s", model_name, label, rows[-1]["img_s"])
+                    _print_profiles(rows[-1])
                     save()
     finally:
         save()
@@ -221,7 +233,10 @@ def _worker_command(args, nproc: int, worker_json: str, no_baseline: bool) -> li
            str(args.img_size), "--num-classes", str(args.num_classes), "--dtype", args.dtype, "--backend",
            args.backend, "--shuffle", args.shuffle, "--warmup", str(args.warmup), "--iters", str(args.iters),
            "--repeats", str(args.repeats), "--device", args.device, "--seed", str(args.seed), "--grid", args.grid,
-           "--gpu-warmup-s", str(args.gpu_warmup_s), "--worker-json", worker_json]
+           "--gpu-warmup-s", str(args.gpu_warmup_s), "--worker-json", worker_json, "--profile-steps",
+           str(args.profile_steps), "--profile-top", str(args.profile_top)]
+    cmd += ["--compile"] if args.compile else []
+    cmd += ["--profile"] if args.profile else []
     if args.settings:
         cmd += ["--settings", *args.settings]
     if no_baseline:
@@ -277,7 +292,8 @@ def environment(device: torch.device, world: int) -> dict:
 def format_table(rows: list[dict], env: dict, args) -> str:
     lines = [f"device: {env.get('device')} ({env.get('gpus_visible', '-')} visible) | torch {env.get('torch')} | "
              f"cuda {env.get('cuda')} | nccl {env.get('nccl', '-')} | {env.get('cpu_cores_usable')} CPU cores | "
-             f"batch {args.batch_size}/GPU | {args.img_size} px | {args.dtype} | backend {args.backend} | warmup "
+             f"batch {args.batch_size}/GPU | {args.img_size} px | {args.dtype} | backend {args.backend}"
+             f"{' | torch.compile' if getattr(args, 'compile', False) else ''} | warmup "
              f"{args.warmup}, median of {args.repeats} x {args.iters} iters | eff. = img/s / (GPUs x 1-GPU img/s) | "
              "* = conf/train.yaml default"]
     head = (f"{'model':22s} {'setting':34s} {'GPUs':>4s} {'img/s':>9s} {'img/s/GPU':>9s} {'eff.':>6s} "
@@ -327,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-warmup-s", type=float, default=3.0)
     p.add_argument("--json", default=None, help="write the rows, environment and table as JSON here")
     p.add_argument("--no-baseline", action="store_true", help="skip the 1-process baseline of a K-rank run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the (wrapped) model, as train.py compile=true")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile a few steps on every rank: GPU busy %% and the top kernels")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-top", type=int, default=12)
     p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)  # driver <-> worker hand-over
     return p
 

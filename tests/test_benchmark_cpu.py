@@ -103,3 +103,10 @@ def test_row_parsing(bench):
         bench.parse_row("vim_tiny@speed=fast", args)
     with pytest.raises(ValueError, match="shuffle"):
         bench.parse_row("vim_tiny@shuffle=sometimes", args)
+
+
+def test_gpu_busy_fraction_merges_overlapping_kernels(bench):
+    # kernels [0, 10] and [5, 12] overlap (two streams), then an idle gap to [20, 25]
+    span, busy = bench._busy([(20, 25), (0, 10), (5, 12)])
+    assert (span, busy) == (25, 17)
+    assert bench._busy([]) == (0.0, 0.0)

@@ -80,9 +80,13 @@ def test_driver_launches_each_process_count(tmp_path, fw):
 
 def test_worker_mode_under_torchrun_measures_its_own_baseline(tmp_path, fw):
     out = tmp_path / "ddp.json"
-    proc = fw.run_script(["scripts/benchmark_ddp.py", "vim_test", *TINY, "--settings", "ddp:view=1",
-                          "--json", str(out)], tmp_path, timeout=400, torchrun_nproc=2)
+    proc = fw.run_script(["scripts/benchmark_ddp.py", "vim_test", *TINY, "--settings", "ddp:view=1", "--profile",
+                          "--profile-steps", "1", "--json", str(out)], tmp_path, timeout=400, torchrun_nproc=2)
     result = json.loads(out.read_text())
     _check_rows(result["rows"], 2, ["ddp:bucket=25,view=1,static=0"])
+    # --profile: one profile per rank that trained (the baseline's rank 0; both DDP ranks), printed per rank
+    assert [len(r["profiles"]) for r in result["rows"]] == [1, 2]
+    assert all(p["unit"] == "cpu" and "backward" in p["table"] for r in result["rows"] for p in r["profiles"])
+    assert "x2, rank 1 (train step)" in proc.stdout
     assert result["rows"][-1]["repo_default"] is True  # bucket 25 + gradient views = conf/train.yaml
     assert "ddp:bucket=25,view=1,static=0 *" in proc.stdout

@@ -28,3 +28,31 @@ def test_fast_layout_matches_official_layout(name):
 def test_fast_backend_requires_cuda():
     with pytest.raises(ops.KernelUnavailableError, match="CUDA device"):
         ops.resolve_backend("fast", "cpu")
+
+
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch):
+    """Let kernel_backend=fast resolve on CPU, where its custom ops run their pure-PyTorch implementations."""
+    resolve = ops.resolve_backend
+    monkeypatch.setattr(ops, "resolve_backend", lambda req, dev: "fast" if req == "fast" else resolve(req, dev))
+
+
+def test_whole_model_compiles_to_one_graph_with_shuffle_on(fast_path_on_cpu):
+    """torch.compile of the whole training-mode model, shuffle firing, is one graph (custom ops + traced shuffle)."""
+    torch.manual_seed(0)
+    model = create_model("shufflemamba_test", num_classes=5, kernel_backend="fast", shuffle_rate=1.0,
+                         shuffle_schedule="constant").train()
+    x = torch.randn(2, 3, 32, 32)
+    explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(x).logsumexp(-1).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    # with the shuffle off the compiled training forward is the eager one
+    model.shuffle.set_rate(0.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

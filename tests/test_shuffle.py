@@ -105,3 +105,28 @@ def test_rate_zero_in_training_equals_no_shuffle_and_forced_shuffle_changes_the_
 def test_shuffle_module_has_no_state():
     model = create_model("shufflemamba_test")
     assert not any(k.startswith("shuffle") for k in model.state_dict())
+
+
+def test_traced_shuffle_restores_order_and_fires_at_the_layer_probability():
+    """Under torch.compile the coin is drawn on the device and the permutation applied branch-free: a firing layer
+    sees one batch-shared permutation, the output is in the original order, and layer i fires with p_i."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(TokenwiseLayer(8) for _ in range(2))
+    shuffle = LayerwiseShuffle(2, 0.5).train()  # p = [0, 0.5]
+    x = torch.randn(3, 11, 8)
+    plain_h, plain_r = _run_stack(LayerwiseShuffle(2, 0.0).train(), layers, x)
+    seen_plain = layers[1].seen
+    compiled = torch.compile(lambda inp: _run_stack(shuffle, layers, inp), backend="aot_eager", fullgraph=True)
+    trials, fired = 300, 0
+    for _ in range(trials):
+        h, r = compiled(x)
+        torch.testing.assert_close(h, plain_h)
+        torch.testing.assert_close(r, plain_r)
+        seen = layers[1].seen
+        if not torch.equal(seen, seen_plain):
+            fired += 1
+            perm = [torch.nonzero((seen_plain[0] == row).all(-1)).item() for row in seen[0]]
+            torch.testing.assert_close(seen, seen_plain[:, perm])  # one permutation for the whole batch
+        assert torch.equal(layers[0].seen, x)  # p_0 = 0: never shuffled
+    sigma = (trials * 0.25) ** 0.5
+    assert abs(fired - trials * 0.5) <= 4 * sigma, fired

@@ -8,6 +8,11 @@ the whole batch, applied to the hidden states and the residual, and undone right
 is permuted — cls token and registers included — so their read-out positions stay valid. Nothing happens in
 eval mode. Indexing along the sequence dimension (``index_select``) is used instead of the official expanded
 per-sample ``gather``: same result, no (B, L, D) index tensor.
+
+Under ``torch.compile`` the host-side coin flip would break the graph (and a data-dependent branch cannot be traced),
+so the traced forward is branch-free: the coin is drawn on the device and the permutation becomes
+``where(fired, randperm(L), arange(L))``, an identity gather when the coin says no. Same distribution, one graph for
+the whole model; ``fired`` then stays uncounted (counting would need a device sync).
 """
 from __future__ import annotations
 
@@ -55,13 +60,22 @@ class LayerwiseShuffle(nn.Module):
 
     def forward(self, index: int, layer: Callable, hidden: Tensor, residual: Optional[Tensor]):
         p = self.probs[index]
-        if not self.training or p <= 0.0 or torch.rand(1).item() >= p:
+        if not self.training or p <= 0.0:
+            return layer(hidden, residual)
+        seqlen, device = hidden.shape[1], hidden.device
+        if torch.compiler.is_compiling():
+            fires = torch.rand((), device=device) < p  # device-side coin: no host sync, no graph break
+            perm = torch.where(fires, torch.randperm(seqlen, device=device), torch.arange(seqlen, device=device))
+            return self._permuted(perm, layer, hidden, residual)
+        if torch.rand(1).item() >= p:  # CPU generator: no device sync
             return layer(hidden, residual)
         self.fired[index] += 1
-        seqlen = hidden.shape[1]
-        perm = torch.randperm(seqlen, device=hidden.device)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(seqlen, device=perm.device)
+        return self._permuted(torch.randperm(seqlen, device=device), layer, hidden, residual)
+
+    @staticmethod
+    def _permuted(perm: Tensor, layer: Callable, hidden: Tensor, residual: Optional[Tensor]):
+        """``layer`` on the tokens reordered by ``perm`` (one permutation for the batch), original order restored."""
+        inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
         hidden = hidden.index_select(1, perm)
         if residual is not None:
             residual = residual.index_select(1, perm)

@@ -123,7 +123,7 @@ def resolve_backend(requested: Optional[str], device: torch.device | str) -> str
         else:
             resolved, why = "ref", f"inputs on {device.type}"
     key = (requested, device.type, resolved)
-    if key not in _announced:
+    if key not in _announced and not torch.compiler.is_compiling():  # a logging call would break a traced graph
         _announced.add(key)
         slow_gpu_path = resolved == "ref" and device.type == "cuda"
         log.log(logging.WARNING if slow_gpu_path else logging.INFO,

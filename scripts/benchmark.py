@@ -6,7 +6,8 @@ Each positional ROW is a model name, optionally with per-row overrides after ``@
     python scripts/benchmark.py deit_tiny_patch16_224 vim_tiny@backend=cuda vim_tiny@backend=ref \
         shufflemamba_tiny@shuffle=off --batch-size 128 --img-size 224 --dtype bf16 --json bench.json
 
-Row keys: ``backend`` (auto|cuda|ref), ``shuffle`` (default|on|off|<rate>), ``compile`` (0|1), ``label``, and
+Row keys: ``backend`` (auto|cuda|fast|ref), ``shuffle`` (default|on|off|<rate>), ``compile`` (0|1 or a torch.compile
+mode: reduce-overhead = CUDA graphs, max-autotune, max-autotune-no-cudagraphs), ``label``, and
 ``warmup`` / ``iters`` / ``repeats`` to time a slow row (the pure-PyTorch reference) with fewer steps.
 Names registered in `visionmamba.models` are built with `visionmamba.create_model` (which also wraps some timm models,
 e.g. ``mambaout_femto``); any other name goes to `timm.create_model` (``deit_tiny_patch16_224``,
@@ -65,6 +66,10 @@ class RowSpec:
     warmup: int
     iters: int
     repeats: int
+    compile_mode: str = "default"  # torch.compile(mode=...) when compile is on
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -87,6 +92,7 @@ class RowResult:
     backend: Optional[str] = None  # resolved path, e.g. cuda/fused, ref; n/a for timm models
     shuffle_rate: Optional[float] = None
     compile: bool = False
+    compile_mode: Optional[str] = None
     timing: dict = field(default_factory=dict)  # warmup / iters / repeats used for this row
     train: Optional[Phase] = None
     infer: Optional[Phase] = None
@@ -110,7 +116,11 @@ def parse_row(text: str, args: argparse.Namespace) -> RowSpec:
             float(shuffle)
         except ValueError:
             raise ValueError(f"row {text!r}: shuffle must be default|on|off|<rate>, got {shuffle!r}") from None
-    compile_ = opts.get("compile", "1" if args.compile else "0") in ("1", "true", "yes", "on")
+    compile_value = opts.get("compile", "1" if args.compile else "0")
+    if compile_value not in ("0", "1", "true", "false", "yes", "no", "on", "off") + COMPILE_MODES:
+        raise ValueError(f"row {text!r}: compile must be 0|1 or one of {COMPILE_MODES}, got {compile_value!r}")
+    compile_ = compile_value not in ("0", "false", "no", "off")
+    compile_mode = compile_value if compile_value in COMPILE_MODES else "default"
     label = opts.get("label") or text
     counts = {}
     for key in ("warmup", "iters", "repeats"):
@@ -120,7 +130,7 @@ def parse_row(text: str, args: argparse.Namespace) -> RowSpec:
             raise ValueError(f"row {text!r}: {key} must be an integer, got {opts[key]!r}") from None
     if counts["iters"] < 1 or counts["repeats"] < 1 or counts["warmup"] < 0:
         raise ValueError(f"row {text!r}: need iters >= 1, repeats >= 1, warmup >= 0; got {counts}")
-    return RowSpec(name, backend, shuffle, compile_, label, **counts)
+    return RowSpec(name, backend, shuffle, compile_, label, **counts, compile_mode=compile_mode)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -379,11 +389,12 @@ def _fail(row: _Live, exc: BaseException, args: argparse.Namespace, device: torc
 
 def _prepare(spec: RowSpec, args: argparse.Namespace, device: torch.device) -> _Live:
     row = _Live(spec, RowResult(label=spec.label, model=spec.model, family="?", compile=spec.compile,
+                                compile_mode=spec.compile_mode if spec.compile else None,
                                 timing=dict(warmup=spec.warmup, iters=spec.iters, repeats=spec.repeats)))
     try:
         torch.manual_seed(args.seed)
         model = build_model(spec, args, row.result).to(device)
-        row.model = torch.compile(model) if spec.compile else model
+        row.model = torch.compile(model, mode=spec.compile_mode) if spec.compile else model
         row.images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
         row.labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     except Exception as exc:  # noqa: BLE001 - one failing row (OOM, missing kernels) must not hide the others

@@ -110,3 +110,13 @@ def test_gpu_busy_fraction_merges_overlapping_kernels(bench):
     span, busy = bench._busy([(20, 25), (0, 10), (5, 12)])
     assert (span, busy) == (25, 17)
     assert bench._busy([]) == (0.0, 0.0)
+
+
+def test_row_compile_modes(bench):
+    args = bench.build_parser().parse_args(["x"])
+    spec = bench.parse_row("vim_tiny@compile=reduce-overhead", args)
+    assert (spec.compile, spec.compile_mode) == (True, "reduce-overhead")
+    assert bench.parse_row("vim_tiny@compile=1", args).compile_mode == "default"
+    assert bench.parse_row("vim_tiny@compile=0", args).compile is False
+    with pytest.raises(ValueError, match="compile must be"):
+        bench.parse_row("vim_tiny@compile=fastest", args)

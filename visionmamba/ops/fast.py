@@ -347,9 +347,10 @@ def conv_bwd_triton(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tenso
             num_warps=dcfg["num_warps"])
     dw = dw.sum(0)[:, :W].transpose(1, 2)  # (2, E, W)
     db = db.sum(0)  # (2, E)
-    # separate tensors: the op's outputs must not alias one another
-    return [dx, dw[0].to(w_f.dtype, copy=True), db[0].to(b_f.dtype, copy=True), dw[1].to(w_b.dtype, copy=True),
-            db[1].to(b_b.dtype, copy=True)]
+    # separate, contiguous tensors: the op's outputs must not alias one another, and their strides must be the fake
+    # kernel's (torch.compile asserts them)
+    own = lambda t, like: t.to(like.dtype, memory_format=torch.contiguous_format, copy=True)  # noqa: E731
+    return [dx, own(dw[0], w_f), own(db[0], b_f), own(dw[1], w_b), own(db[1], b_b)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -271,6 +271,7 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
                 t = f"{type(exc).__name__}: {str(exc)[:80]}"
             extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd"
                      else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
+            extra += f" maxnreg={cfg['maxnreg']}" if cfg.get("maxnreg") else ""
             sweep[f"{kind} T={cfg['T']} BE={cfg['BLOCK_E']} nw={cfg['num_warps']} ns={cfg.get('num_stages', 1)} {extra}"] = t
             fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
         row["sweep"] = sweep
@@ -327,10 +328,13 @@ if __name__ == "__main__" and "--bench" in sys.argv:
         for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
             kind, T, BE, nw, ns, extra = spec.split(",")
             cfg = dict(T=int(T), BLOCK_E=int(BE), num_warps=int(nw), num_stages=int(ns))
-            if kind == "fwd":
-                cfg.update(prefetch=bool(int(extra)))
-            else:  # seg[:atomic]
-                seg, _, atomic = extra.partition(":")
+            if kind == "fwd":  # prefetch[:maxnreg]
+                prefetch, _, maxnreg = extra.partition(":")
+                cfg.update(prefetch=bool(int(prefetch)))
+            else:  # seg[:atomic[:maxnreg]] (atomic empty: automatic)
+                seg, _, rest = extra.partition(":")
+                atomic, _, maxnreg = rest.partition(":")
                 cfg.update(seg=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))
+            cfg.update({"maxnreg": int(maxnreg)} if maxnreg else {})
             sweep_cfgs.append((kind, cfg))
     bench(out, sweep_cfgs)

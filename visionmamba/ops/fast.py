@@ -47,7 +47,8 @@ __all__ = [
 # Launch configuration: chunk length T (tokens per associative scan), channels per program, warps per program;
 # forward: prefetch of the next chunk; backward: chunks per checkpoint segment (``seg``; the whole sequence is one
 # segment when L <= seg * T, which skips one recomputation sweep), optional ``atomic`` (default: atomics for dB/dC when
-# there are more than 16 channel blocks, per-block partials otherwise). The first entry whose ``max_e`` >= E applies.
+# there are more than 16 channel blocks, per-block partials otherwise); both scans: optional ``maxnreg`` (a register cap
+# per thread, for occupancy). The first entry whose ``max_e`` >= E applies.
 # Chosen from sweeps on an H200 (bf16, B 128, L 197, E 384 / 768): forward T 8 / BLOCK_E 32 / 2 warps with prefetch
 # (0.21 / 0.40 ms; T 4 / 32 / 1 warp 0.29 / 0.44, T 16 / 32 / 4 warps 0.23 / 0.45, no prefetch 0.34 / 0.67);
 # backward T 4 / BLOCK_E 16 / 1 warp / seg 64 (1.60 / 3.12 ms; T 2 / 16: 1.74 / 3.32, T 8 / 8: 1.84 / 3.80,
@@ -178,7 +179,7 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
         x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E,
         *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out),
         T=cfg["T"], BLOCK_E=block_e, N=N, NUM_STAGES=cfg.get("num_stages", 1),
-        PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"])
+        PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"], **_register_cap(cfg))
     return out
 
 
@@ -220,7 +221,8 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
         K.bimamba_bwd_kernel[(b, n_eb) if atomic else (n_eb, b)](
             x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
             b, L, E, *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g), T=T, BLOCK_E=BE, N=N,
-            NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"])
+            NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"],
+            **_register_cap(cfg))
     if not atomic:
         dB_f, dC_f, dB_b, dC_b = (t.sum(0) for t in (dB_f, dC_f, dB_b, dC_b))
     like = [t.dtype for t in inputs]
@@ -228,6 +230,11 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
             dD_f.sum(0).to(like[5]), dbias_f.sum(0).to(like[6]),
             dx_b, ddt_b, dA_b.sum(0).to(like[9]), dB_b.to(like[10]), dC_b.to(like[11]),
             dD_b.sum(0).to(like[12]), dbias_b.sum(0).to(like[13]), dz]
+
+
+def _register_cap(cfg: dict) -> dict:
+    """Optional ``maxnreg`` (registers per thread): trades spills for occupancy in the register-bound scans."""
+    return {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
 
 
 def triton_cdiv(a: int, b: int) -> int:

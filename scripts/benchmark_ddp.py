@@ -143,7 +143,7 @@ def _measure(model_name: str, options: Optional[ParallelOptions], args, device: 
         parallel.shard_model(model, device, options)
         knobs = dict(sharded_units=len(parallel.block_modules(model)) + 1)
     if args.compile:  # around the DDP / FSDP2 wrapper, as train.py does (DDP's optimizer splits at buckets)
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=args.compile_mode)
     generator = torch.Generator(device="cpu").manual_seed(args.seed + rank)  # every rank its own batch
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator).to(device)
@@ -235,7 +235,7 @@ def _worker_command(args, nproc: int, worker_json: str, no_baseline: bool) -> li
            "--repeats", str(args.repeats), "--device", args.device, "--seed", str(args.seed), "--grid", args.grid,
            "--gpu-warmup-s", str(args.gpu_warmup_s), "--worker-json", worker_json, "--profile-steps",
            str(args.profile_steps), "--profile-top", str(args.profile_top)]
-    cmd += ["--compile"] if args.compile else []
+    cmd += ["--compile", "--compile-mode", args.compile_mode] if args.compile else []
     cmd += ["--profile"] if args.profile else []
     if args.settings:
         cmd += ["--settings", *args.settings]
@@ -293,7 +293,7 @@ def format_table(rows: list[dict], env: dict, args) -> str:
     lines = [f"device: {env.get('device')} ({env.get('gpus_visible', '-')} visible) | torch {env.get('torch')} | "
              f"cuda {env.get('cuda')} | nccl {env.get('nccl', '-')} | {env.get('cpu_cores_usable')} CPU cores | "
              f"batch {args.batch_size}/GPU | {args.img_size} px | {args.dtype} | backend {args.backend}"
-             f"{' | torch.compile' if getattr(args, 'compile', False) else ''} | warmup "
+             f"{' | torch.compile ' + args.compile_mode if getattr(args, 'compile', False) else ''} | warmup "
              f"{args.warmup}, median of {args.repeats} x {args.iters} iters | eff. = img/s / (GPUs x 1-GPU img/s) | "
              "* = conf/train.yaml default"]
     head = (f"{'model':22s} {'setting':34s} {'GPUs':>4s} {'img/s':>9s} {'img/s/GPU':>9s} {'eff.':>6s} "
@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the rows, environment and table as JSON here")
     p.add_argument("--no-baseline", action="store_true", help="skip the 1-process baseline of a K-rank run")
     p.add_argument("--compile", action="store_true", help="torch.compile the (wrapped) model, as train.py compile=true")
+    p.add_argument("--compile-mode", choices=bench.COMPILE_MODES, default="default",
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile a few steps on every rank: GPU busy %% and the top kernels")
     p.add_argument("--profile-steps", type=int, default=3)

@@ -388,8 +388,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cleanup()
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(cfg: DictConfig) -> Optional[str]:
+    """``compile``: false (eager) | true (torch.compile's default mode) | a mode name; None means eager."""
+    value = cfg.compile
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value in COMPILE_MODES:
+        return value
+    raise ConfigError(f"compile={value!r} is not one of false, true, {', '.join(COMPILE_MODES)}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Value checks that the builders below would otherwise report late or obscurely."""
+    compile_mode(cfg)
     for key, allowed in (("precision", ("bf16", "fp16", "fp32")), ("nonfinite", ("skip", "stop")),
                          ("progress", ("auto", "bar", "line", "none"))):
         if cfg[key] not in allowed:
@@ -542,8 +558,10 @@ def wrap_model(job: Job) -> tuple[torch.nn.Module, torch.nn.Module]:
         else:
             train_model = wrap_ddp(job.model, job.dist.device, options)
         log.info("distributed: %s over %d ranks", options.describe(), job.dist.world_size)
-    if job.cfg.compile:
-        return torch.compile(train_model), torch.compile(job.model)
+    mode = compile_mode(job.cfg)
+    if mode is not None:
+        log.info("torch.compile mode=%s (the first steps and the first evaluation compile)", mode)
+        return torch.compile(train_model, mode=mode), torch.compile(job.model, mode=mode)
     return train_model, job.model
 
 

@@ -354,6 +354,8 @@ BAD_MODEL = {
     "data smaller than the model's patch": (["model.img_size=32", "data.img_size=4"],
                                             r"data\.img_size=4 does not fit model=vim_test: .*smaller than one patch"),
     "negative step interval": (["checkpoint_every_steps=-1"], r"checkpoint_every_steps must be an integer >= 0"),
+    "unknown compile mode": (["compile=fastest"], r"compile='fastest' is not one of false, true, default, "
+                                                  r"reduce-overhead"),
 }
 
 

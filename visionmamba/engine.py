@@ -220,6 +220,9 @@ def train_one_epoch(
         step_loss = torch.zeros((), device=device)
         step_images = 0
         for micro in range(accum_steps):
+            # a new iteration for CUDA-graph trees (compile=reduce-overhead): nothing of the previous replay is read
+            # after this point (the loss was accumulated into step_loss); a counter bump otherwise
+            torch.compiler.cudagraph_mark_step_begin()
             images, targets = next(data_iter)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)

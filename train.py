@@ -405,7 +405,11 @@ def compile_mode(cfg: DictConfig) -> Optional[str]:
 
 def check_config(cfg: DictConfig) -> None:
     """Value checks that the builders below would otherwise report late or obscurely."""
-    compile_mode(cfg)
+    if compile_mode(cfg) in ("reduce-overhead", "max-autotune") and cfg.accum_steps > 1:
+        # A CUDA-graph replay reuses its output memory, and a gradient left in .grad by one micro-step is such an
+        # output (AccumulateGrad keeps the tensor), so the next micro-step's replay would overwrite it.
+        raise ConfigError(f"compile={cfg.compile} (CUDA graphs) cannot accumulate gradients over micro-steps: use "
+                          f"accum_steps=1 (a larger batch_size or more GPUs) or compile=true")
     for key, allowed in (("precision", ("bf16", "fp16", "fp32")), ("nonfinite", ("skip", "stop")),
                          ("progress", ("auto", "bar", "line", "none"))):
         if cfg[key] not in allowed:

@@ -356,6 +356,8 @@ BAD_MODEL = {
     "negative step interval": (["checkpoint_every_steps=-1"], r"checkpoint_every_steps must be an integer >= 0"),
     "unknown compile mode": (["compile=fastest"], r"compile='fastest' is not one of false, true, default, "
                                                   r"reduce-overhead"),
+    "CUDA graphs with gradient accumulation": (["compile=reduce-overhead", "accum_steps=2"],
+                                               r"compile=reduce-overhead \(CUDA graphs\) cannot accumulate gradients"),
 }
 
 

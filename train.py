@@ -46,8 +46,8 @@ from visionmamba.parallel import (ParallelOptions, capture_sharded_training_stat
                                   wrap_ddp)
 from visionmamba.preemption import Preempted, PreemptionHandler, exit_code_for
 from visionmamba.tracking import Tracker, git_commit
-from visionmamba.utils import (config_differences, flatten_config, get_loader_rng_state, get_rng_state,
-                               seed_everything, set_loader_rng_state, set_rng_state, setup_logging)
+from visionmamba.utils import (COMPILE_MODES, config_differences, flatten_config, get_loader_rng_state,
+                               get_rng_state, seed_everything, set_loader_rng_state, set_rng_state, setup_logging)
 
 log = logging.getLogger("train")
 
@@ -386,9 +386,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return fit(job)
     finally:
         cleanup()
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_mode(cfg: DictConfig) -> Optional[str]:

@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from visionmamba.utils import COMPILE_MODES  # noqa: E402
+
 log = logging.getLogger("benchmark")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,9 +69,6 @@ class RowSpec:
     iters: int
     repeats: int
     compile_mode: str = "default"  # torch.compile(mode=...) when compile is on
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -334,7 +333,7 @@ def _busy(intervals: list) -> tuple[float, float]:
     """(span from the first kernel start to the last kernel end, time with at least one kernel running), in us."""
     if not intervals:
         return 0.0, 0.0
-    intervals.sort()
+    intervals = sorted(intervals)
     busy, cur_start, cur_end = 0.0, intervals[0][0], intervals[0][1]
     for start, end in intervals[1:]:
         if start > cur_end:
@@ -342,8 +341,8 @@ def _busy(intervals: list) -> tuple[float, float]:
             cur_start, cur_end = start, end
         else:
             cur_end = max(cur_end, end)
-    busy += cur_end - cur_start
-    return max(end for _, end in intervals) - intervals[0][0], busy
+    # cur_end is now the latest end of all
+    return cur_end - intervals[0][0], busy + cur_end - cur_start
 
 
 def print_profile(label: str, prof: dict) -> None:

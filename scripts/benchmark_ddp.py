@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 import benchmark as bench  # noqa: E402  (scripts/benchmark.py: model building and timing helpers)
 from visionmamba.parallel import ParallelOptions  # noqa: E402
+from visionmamba.utils import COMPILE_MODES  # noqa: E402
 
 log = logging.getLogger("benchmark_ddp")
 
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the rows, environment and table as JSON here")
     p.add_argument("--no-baseline", action="store_true", help="skip the 1-process baseline of a K-rank run")
     p.add_argument("--compile", action="store_true", help="torch.compile the (wrapped) model, as train.py compile=true")
-    p.add_argument("--compile-mode", choices=bench.COMPILE_MODES, default="default",
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile a few steps on every rank: GPU busy %% and the top kernels")

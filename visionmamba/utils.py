@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "COMPILE_MODES",
     "config_differences",
     "flatten_config",
     "format_duration",
@@ -23,6 +24,10 @@ __all__ = [
     "set_rng_state",
     "setup_logging",
 ]
+
+
+# torch.compile's modes, as train.py's ``compile=`` and the benchmarks accept them
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -148,6 +151,25 @@ def model_pair():
         return model, ref
 
     return make
+
+
+@pytest.fixture
+def torchrun_train():
+    """``torchrun_train(cwd, *args)``: ``torchrun --standalone --nproc_per_node=2 train.py *args`` in ``cwd``; asserts
+    success and returns the combined output."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(cwd, *args: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+        # keep the caller's PYTHONPATH (where the CUDA kernels may be installed), the checkout first
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(repo / "train.py"), *args], cwd=cwd, env=env, timeout=600,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.returncode == 0, proc.stdout[-6000:]
+        return proc.stdout
+
+    return run
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -5,10 +5,6 @@ tests/test_fsdp2.py; this one checks the GPU path and tolerates bf16 / atomics n
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,25 +27,12 @@ ARGS = ["model=shufflemamba_tiny", "data=synthetic", "data.img_size=64",
         "optimizer.schedule.min_lr=1e-3", "mlflow.enabled=false"]
 
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _torchrun(cwd, *overrides: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    # keep the caller's PYTHONPATH (where the CUDA kernels may be installed), the checkout first
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "train.py"), *ARGS, *overrides], cwd=cwd, env=env, timeout=600,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    return proc.stdout
-
-
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def test_fsdp2_on_two_gpus_trains_like_ddp_and_resumes(tmp_path):
+def test_fsdp2_on_two_gpus_trains_like_ddp_and_resumes(tmp_path, torchrun_train):
+    _torchrun = lambda cwd, *overrides: torchrun_train(cwd, *ARGS, *overrides)  # noqa: E731
     _torchrun(tmp_path, "run_name=ddp", "epochs=2")
     out = _torchrun(tmp_path, "run_name=fsdp2", "epochs=2", "distributed.strategy=fsdp2")
     assert "distributed: fsdp2" in out and "backend=cpu:gloo,cuda:nccl" in out

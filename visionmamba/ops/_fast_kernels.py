@@ -389,6 +389,16 @@ def bimamba_bwd_kernel(
 # ------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _row_tile(L, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's tile on a (row tiles, channel blocks, batch) grid: batch row (int64), token rows, channels,
+    channel mask, and the (rows, channels) mask of valid elements."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_offs = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e_offs < E
+    return tl.program_id(2).to(tl.int64), rows, e_offs, e_mask, (rows < L)[:, None] & e_mask[None, :]
+
+
+@triton.jit
 def _shifted_rows(ptr, b_off, rows, shift, s_l, e_offs, e_mask, L):
     """x[rows + shift] as fp32, zero outside [0, L) (the conv's zero padding)."""
     r = rows + shift
@@ -413,13 +423,7 @@ def _conv_pre(x_ptr, b_off, rows, s_xl, e_offs, e_mask, L, w_ptr, bias, W: tl.co
 @triton.jit
 def bimamba_conv_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, L, E, s_xb, s_xl,
                             W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
-    m2 = (rows < L)[:, None] & e_mask[None, :]
+    b64, rows, e_offs, e_mask, m2 = _row_tile(L, E, BLOCK_T, BLOCK_E)
     x_off = b64 * s_xb
     o_offs = b64 * L * E + rows[:, None] * E + e_offs[None, :]  # outputs are contiguous (B, L, E)
     bias_f = tl.load(bf_ptr + e_offs, mask=e_mask, other=0.0)
@@ -497,17 +501,11 @@ def bimamba_conv_bwd_gp_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr, gb
 def bimamba_conv_bwd_dx_kernel(gp_ptr, wf_ptr, wb_ptr, dx_ptr, B, L, E,
                                W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """Backward, step 2: dx[t] = sum_j w_f[W-1-j] gp_f[t+j] + w_b[W-1-j] gp_b[t-j]; dx contiguous (B, L, E)."""
-    pid_t = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
+    b64, rows, e_offs, e_mask, m2 = _row_tile(L, E, BLOCK_T, BLOCK_E)
     dx = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     for j in tl.static_range(W):
         wf = tl.load(wf_ptr + e_offs * W + (W - 1 - j), mask=e_mask, other=0.0)
         wb = tl.load(wb_ptr + e_offs * W + (W - 1 - j), mask=e_mask, other=0.0)
         dx += wf[None, :] * _shifted_rows(gp_ptr, b64 * L * E, rows, j, E, e_offs, e_mask, L)
         dx += wb[None, :] * _shifted_rows(gp_ptr, (B + b64) * L * E, rows, -j, E, e_offs, e_mask, L)
-    m2 = (rows < L)[:, None] & e_mask[None, :]
     tl.store(dx_ptr + b64 * L * E + rows[:, None] * E + e_offs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)

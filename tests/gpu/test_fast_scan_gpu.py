@@ -74,9 +74,17 @@ def run_reference(ins, g):
     return y, grads
 
 
+@pytest.fixture(params=["gluon", "triton"])
+def bwd_impl(request, monkeypatch):
+    """Both backward kernels: the Gluon one (default on CUDA) and the Triton one (the CPU interpreter's)."""
+    if request.param == "triton":
+        monkeypatch.setitem(fast.CONFIG, "bwd_gluon", [])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("seqlen", SEQLENS)
-def test_fast_scan_matches_reference(seqlen, dtype, check):
+def test_fast_scan_matches_reference(seqlen, dtype, check, bwd_impl):
     ins = make_inputs(2, seqlen, 96, dtype=dtype, seed=seqlen)
     g = torch.randn(2, seqlen, 96, device=DEV).to(dtype)
     y, grads = run_fast(ins, g)
@@ -260,6 +268,8 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
 
         for kind, cfg in (configs or []):
             fast.CONFIG[kind] = [dict(cfg, max_e=1 << 30)]
+            if kind == "bwd":  # a Triton-kernel config: switch the Gluon backward off
+                fast.CONFIG["bwd_gluon"] = []
             try:
                 fn = (lambda: fast.fwd_triton(*ins)) if kind == "fwd" else (lambda: fast.bwd_triton(g, *ins))
                 t = _bench(fn)
@@ -272,7 +282,9 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
             extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd"
                      else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
             extra += f" maxnreg={cfg['maxnreg']}" if cfg.get("maxnreg") else ""
-            sweep[f"{kind} T={cfg['T']} BE={cfg['BLOCK_E']} nw={cfg['num_warps']} ns={cfg.get('num_stages', 1)} {extra}"] = t
+            shape = (f"E_T={cfg['E_T']} N_L={cfg['N_L']}" if kind == "bwd_gluon"
+                     else f"BE={cfg['BLOCK_E']} ns={cfg.get('num_stages', 1)}")
+            sweep[f"{kind} T={cfg['T']} {shape} nw={cfg['num_warps']} {extra}"] = t
             fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
         row["sweep"] = sweep
         # ---- the two depthwise convs + SiLU: fused kernel vs F.conv1d in the (B, E, L) layout (the former path)
@@ -324,8 +336,14 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     sweep_cfgs = []
     if "--sweep" in sys.argv:
-        # kind,T,BLOCK_E,warps,stages,extra
+        # kind,T,BLOCK_E,warps,stages,extra  (Triton kernels) or bwd_gluon,T,E_T,N_L,warps,seg[:atomic]
         for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
+            if spec.startswith("bwd_gluon,"):
+                _, T, e_t, n_l, nw, extra = spec.split(",")
+                seg, _, atomic = extra.partition(":")
+                sweep_cfgs.append(("bwd_gluon", dict(T=int(T), E_T=int(e_t), N_L=int(n_l), num_warps=int(nw),
+                                                     seg=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))))
+                continue
             kind, T, BE, nw, ns, extra = spec.split(",")
             cfg = dict(T=int(T), BLOCK_E=int(BE), num_warps=int(nw), num_stages=int(ns))
             if kind == "fwd":  # prefetch[:maxnreg]

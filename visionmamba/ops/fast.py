@@ -56,12 +56,18 @@ __all__ = [
 # 1.92 / 3.70, T 2 / 16 / seg 128: 1.74 / 3.32, T 4 / 32 / 2 warps: 1.85 / 3.56, num_stages 2: slower; a
 # token-sequential design (one token per iteration, no associative scan) measured 0.53 ms forward and 2.5 ms backward
 # and was dropped). Convs: forward 0.06 / 0.11 ms, forward+backward 0.67 / 0.84 ms against 1.33 / 2.50 ms for the
-# F.conv1d path with its transposes and pads. ``min_programs``: the forward halves
+# F.conv1d path with its transposes and pads. Gluon backward (H200, E 384 / 768): T 4 / E_T 2 / N_L 4 / 1 warp 1.28 /
+# 2.47 ms (T 4 / 1 / 2: 1.29 / 2.51, T 2 / 1 / 2: 1.40 / 2.73, T 4 / 1 / 4: 1.71 / 3.37, 2 warps: 1.91 / 3.76; without
+# the 2b prefetch 1.93 / 3.80). ``min_programs``: the forward halves
 # BLOCK_E (down to 8) until batch * channel blocks reaches it (high resolution, small batches). Edit this dict or set
 # VISIONMAMBA_FAST_CONFIG to override.
 CONFIG = {
     "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True, min_programs=1024)],
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
+    # the Gluon backward (explicit layouts; `_fast_bwd_gluon`), used on CUDA unless this list is empty (then, and in
+    # the CPU interpreter, which cannot run Gluon, "bwd" applies): E_T channels per thread, N_L lanes over the
+    # state; BLOCK_E = E_T * (32 // N_L) * num_warps
+    "bwd_gluon": [dict(max_e=1 << 30, T=4, E_T=2, N_L=4, num_warps=1, seg=64)],
     # bidirectional depthwise conv + SiLU: rows x channels per program
     "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
     # backward step 1 (gp, dw, db): one program per (channel block, batch row) looping over row tiles; step 2 (dx)
@@ -193,8 +199,21 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     b, L, E = x_f.shape
     N = A_f.shape[1]
     dev = x_f.device
-    cfg = _config("bwd", E)
-    T, BE, SEG = cfg["T"], cfg["BLOCK_E"], cfg.get("seg", 16)
+    use_gluon = (bool(CONFIG.get("bwd_gluon")) and dev.type == "cuda" and not _interpreting()
+                 and N % _config("bwd_gluon", E)["N_L"] == 0)
+    if use_gluon:
+        from . import _fast_bwd_gluon as G
+
+        cfg = _config("bwd_gluon", E)
+        BE = cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"]
+        kernel = G.bimamba_bwd_gluon_kernel
+        variant = dict(E_T=cfg["E_T"], N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"])
+    else:
+        cfg = _config("bwd", E)
+        BE = cfg["BLOCK_E"]
+        kernel = K.bimamba_bwd_kernel
+        variant = dict(NUM_STAGES=cfg.get("num_stages", 1))
+    T, SEG = cfg["T"], cfg.get("seg", 16)
     n_chunks = triton_cdiv(L, T)
     n_seg = max(triton_cdiv(n_chunks, SEG), 1)
     n_eb = triton_cdiv(E, BE)
@@ -218,11 +237,10 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
         # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the
         # (B, L, E, N) state tensor when the whole sequence is one segment (L <= SEG * T)
         scr = torch.empty((b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
-        K.bimamba_bwd_kernel[(b, n_eb) if atomic else (n_eb, b)](
+        kernel[(b, n_eb) if atomic else (n_eb, b)](
             x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
             b, L, E, *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g), T=T, BLOCK_E=BE, N=N,
-            NUM_STAGES=cfg.get("num_stages", 1), SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"],
-            **_register_cap(cfg))
+            SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"], **variant, **_register_cap(cfg))
     if not atomic:
         dB_f, dC_f, dB_b, dC_b = (t.sum(0) for t in (dB_f, dC_f, dB_b, dC_b))
     like = [t.dtype for t in inputs]

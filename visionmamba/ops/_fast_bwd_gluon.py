@@ -94,6 +94,19 @@ def _states(x, dt, Bm, bias, A2, m_te, h, rows3, T: gl.constexpr):
 
 
 @gluon.jit
+def _advance(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te,
+             n_tn, x, dt, Bm, bias, A2, h, rows3, T: gl.constexpr, L3: gl.constexpr, REVERSE: gl.constexpr):
+    """Phases 1 and 2a: the state leaving chunk c (its x, dt, B already loaded) and chunk c + 1's x, dt, B, loaded
+    while chunk c computes."""
+    t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, gl.SliceLayout(2, L3)), REVERSE)
+    m_te = v_te[:, None] & e_mask_te[None, :]
+    nx, ndt, nB, nC = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
+                              s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
+    delta, a, dx_, bx, hs, h = _states(x, dt, Bm, bias, A2, m_te, h, rows3, T)
+    return h, nx, ndt, nB
+
+
+@gluon.jit
 def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j, c, L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl,
               s_gb, s_gl, e_te, e_mask_te, T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr,
               L3: gl.constexpr, REVERSE: gl.constexpr, FIRST: gl.constexpr):
@@ -155,17 +168,14 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
     # ---- phase 1: the state entering every segment ----
     h = gl.zeros((BLOCK_E, N), gl.float32, LEN)
     gl.store(ck_base, h, mask=en_mask)
-    nx, ndt, nB, nC = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, 0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
+    nx, ndt, nB, _ = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, 0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
                               s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
     for s in range(0, n_seg - 1):
         for j in range(0, SEG):
             c = s * SEG + j
-            t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-            m_te = v_te[:, None] & e_mask_te[None, :]
-            x, dt, Bm = nx, ndt, nB
-            nx, ndt, nB, nC = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb,
-                                      s_bl, s_cb, s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
-            delta, a, dx_, bx, hs, h = _states(x, dt, Bm, bias, A2, m_te, h, rows3, T)
+            h, nx, ndt, nB = _advance(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
+                                      s_cb, s_cl, e_te, e_mask_te, n_tn, nx, ndt, nB, bias, A2, h, rows3, T, L3,
+                                      REVERSE)
         gl.store(ck_base + (s + 1) * E * N, h, mask=en_mask)
 
     # ---- phase 2: segments in reverse order ----
@@ -180,17 +190,14 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
         _cta_barrier()  # the previous segment's reads of the scratch slots are done
         # 2a: forward through the segment, keeping the state entering each chunk
         h = gl.load(ck_base + s * E * N, mask=en_mask, other=0.0)
-        nx, ndt, nB, nC = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
+        nx, ndt, nB, _ = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
                                   s_cb, s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
         for j in range(0, nj - 1):
             gl.store(scr_base + j * BLOCK_E * N, h)
             c = c0 + j
-            t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-            m_te = v_te[:, None] & e_mask_te[None, :]
-            x, dt, Bm = nx, ndt, nB
-            nx, ndt, nB, nC = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb,
-                                      s_bl, s_cb, s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
-            delta, a, dx_, bx, hs, h = _states(x, dt, Bm, bias, A2, m_te, h, rows3, T)
+            h, nx, ndt, nB = _advance(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
+                                      s_cb, s_cl, e_te, e_mask_te, n_tn, nx, ndt, nB, bias, A2, h, rows3, T, L3,
+                                      REVERSE)
         gl.store(scr_base + (nj - 1) * BLOCK_E * N, h)
         _cta_barrier()
         # 2b: the segment's chunks in reverse order; the next chunk's per-token tiles and entering state are loaded

@@ -75,16 +75,18 @@ def run_reference(ins, g):
 
 
 @pytest.fixture(params=["gluon", "triton"])
-def bwd_impl(request, monkeypatch):
-    """Both backward kernels: the Gluon one (default on CUDA) and the Triton one (the CPU interpreter's)."""
+def kernels(request, monkeypatch):
+    """Both kernel sets: the Gluon forward and backward (default on CUDA) and the Triton ones (the CPU interpreter's,
+    and the fallback)."""
     if request.param == "triton":
         monkeypatch.setitem(fast.CONFIG, "bwd_gluon", [])
+        monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [])
     return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("seqlen", SEQLENS)
-def test_fast_scan_matches_reference(seqlen, dtype, check, bwd_impl):
+def test_fast_scan_matches_reference(seqlen, dtype, check, kernels):
     ins = make_inputs(2, seqlen, 96, dtype=dtype, seed=seqlen)
     g = torch.randn(2, seqlen, 96, device=DEV).to(dtype)
     y, grads = run_fast(ins, g)
@@ -268,22 +270,23 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
 
         for kind, cfg in (configs or []):
             fast.CONFIG[kind] = [dict(cfg, max_e=1 << 30)]
-            if kind == "bwd":  # a Triton-kernel config: switch the Gluon backward off
-                fast.CONFIG["bwd_gluon"] = []
+            if kind in ("fwd", "bwd"):  # a Triton-kernel config: switch the Gluon kernel of that direction off
+                fast.CONFIG[kind + "_gluon"] = []
+            is_fwd = kind.startswith("fwd")
             try:
-                fn = (lambda: fast.fwd_triton(*ins)) if kind == "fwd" else (lambda: fast.bwd_triton(g, *ins))
+                fn = (lambda: fast.fwd_triton(*ins)) if is_fwd else (lambda: fast.bwd_triton(g, *ins))
                 t = _bench(fn)
                 # every swept config is checked against the default one (itself checked by the tests)
-                err = (rel(fast.fwd_triton(*ins), y_def) if kind == "fwd"
+                err = (rel(fast.fwd_triton(*ins), y_def) if is_fwd
                        else max(rel(a, r) for a, r in zip(fast.bwd_triton(g, *ins), g_def)))
                 t = f"{t:.3f} ms (max rel diff to default {err:.1e})"
             except Exception as exc:  # a config that does not compile (registers, shared memory)
                 t = f"{type(exc).__name__}: {str(exc)[:80]}"
-            extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd"
+            extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd" else "" if kind == "fwd_gluon"
                      else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')}")
             extra += f" maxnreg={cfg['maxnreg']}" if cfg.get("maxnreg") else ""
-            shape = (f"E_T={cfg['E_T']} N_L={cfg['N_L']}" if kind == "bwd_gluon"
-                     else f"BE={cfg['BLOCK_E']} ns={cfg.get('num_stages', 1)}")
+            shape = (f"E_T={cfg['E_T']} N_L={cfg['N_L']}" if kind == "bwd_gluon" else f"E_T={cfg['E_T']}"
+                     if kind == "fwd_gluon" else f"BE={cfg['BLOCK_E']} ns={cfg.get('num_stages', 1)}")
             sweep[f"{kind} T={cfg['T']} {shape} nw={cfg['num_warps']} {extra}"] = t
             fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
         row["sweep"] = sweep
@@ -336,8 +339,13 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     sweep_cfgs = []
     if "--sweep" in sys.argv:
-        # kind,T,BLOCK_E,warps,stages,extra  (Triton kernels) or bwd_gluon,T,E_T,N_L,warps,seg[:atomic]
+        # kind,T,BLOCK_E,warps,stages,extra (Triton kernels), bwd_gluon,T,E_T,N_L,warps,seg[:atomic] or
+        # fwd_gluon,T,E_T,warps
         for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
+            if spec.startswith("fwd_gluon,"):  # fwd_gluon,T,E_T,warps
+                _, T, e_t, nw = spec.split(",")
+                sweep_cfgs.append(("fwd_gluon", dict(T=int(T), E_T=int(e_t), num_warps=int(nw))))
+                continue
             if spec.startswith("bwd_gluon,"):
                 _, T, e_t, n_l, nw, extra = spec.split(",")
                 seg, _, atomic = extra.partition(":")
@@ -355,4 +363,7 @@ if __name__ == "__main__" and "--bench" in sys.argv:
                 cfg.update(seg=int(seg), **({"atomic": bool(int(atomic))} if atomic else {}))
             cfg.update({"maxnreg": int(maxnreg)} if maxnreg else {})
             sweep_cfgs.append((kind, cfg))
-    bench(out, sweep_cfgs)
+    shapes = ((128, 197, 384), (128, 197, 768))
+    if "--shapes" in sys.argv:  # e.g. "128x197x384;32x6085x384" (B x L x E)
+        shapes = tuple(tuple(int(v) for v in sh.split("x")) for sh in sys.argv[sys.argv.index("--shapes") + 1].split(";"))
+    bench(out, sweep_cfgs, shapes=shapes)

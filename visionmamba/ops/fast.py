@@ -58,16 +58,23 @@ __all__ = [
 # and was dropped). Convs: forward 0.06 / 0.11 ms, forward+backward 0.67 / 0.84 ms against 1.33 / 2.50 ms for the
 # F.conv1d path with its transposes and pads. Gluon backward (H200, E 384 / 768): T 4 / E_T 2 / N_L 4 / 1 warp 1.28 /
 # 2.47 ms (T 4 / 1 / 2: 1.29 / 2.51, T 2 / 1 / 2: 1.40 / 2.73, T 4 / 1 / 4: 1.71 / 3.37, 2 warps: 1.91 / 3.76; without
-# the 2b prefetch 1.93 / 3.80). ``min_programs``: the forward halves
+# the 2b prefetch 1.93 / 3.80). Gluon forward (H100, E 384 / 768): T 4 / E_T 1 / 1-2 warps 0.159-0.163 / 0.297-0.314
+# ms against the Triton forward's 0.208 / 0.403 (T 2: 0.175 / 0.331, T 8: 0.165 / 0.321, E_T 2: 0.232 / 0.312); at
+# B 64 0.116 vs 0.109 ms and at B 32, L 6085 3.5 vs 2.4 ms (too few programs), hence its min_programs.
+# ``min_programs``: the forward halves
 # BLOCK_E (down to 8) until batch * channel blocks reaches it (high resolution, small batches). Edit this dict or set
 # VISIONMAMBA_FAST_CONFIG to override.
 CONFIG = {
     "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True, min_programs=1024)],
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
-    # the Gluon backward (explicit layouts; `_fast_bwd_gluon`), used on CUDA unless this list is empty (then, and in
+    # the Gluon backward (explicit layouts; `_fast_gluon`), used on CUDA unless this list is empty (then, and in
     # the CPU interpreter, which cannot run Gluon, "bwd" applies): E_T channels per thread, N_L lanes over the
     # state; BLOCK_E = E_T * (32 // N_L) * num_warps
     "bwd_gluon": [dict(max_e=1 << 30, T=4, E_T=2, N_L=4, num_warps=1, seg=64)],
+    # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps);
+    # used on CUDA unless this list is empty; num_warps, then E_T, halve until batch * channel blocks reaches
+    # min_programs, and below that (small batches of long sequences) the Triton "fwd" runs
+    "fwd_gluon": [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, min_programs=1024)],
     # bidirectional depthwise conv + SiLU: rows x channels per program
     "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
     # backward step 1 (gp, dw, db): one program per (channel block, batch row) looping over row tiles; step 2 (dx)
@@ -174,19 +181,44 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
         raise ValueError("out must be a contiguous (B, L, E) tensor of x_f's dtype")
     if out.numel() == 0:
         return out
+    args = (x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E,
+            *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out))
+    gcfg = _gluon_fwd_config(x_f.device, b, E, N)
+    if gcfg is not None:
+        from . import _fast_gluon as G
+
+        block_e = gcfg["E_T"] * 32 * gcfg["num_warps"]
+        G.bimamba_fwd_gluon_kernel[(triton_cdiv(E, block_e), b)](
+            *args, T=gcfg["T"], BLOCK_E=block_e, N=N, E_T=gcfg["E_T"], NUM_WARPS=gcfg["num_warps"],
+            num_warps=gcfg["num_warps"])
+        return out
     cfg = _config("fwd", E)
     block_e = cfg["BLOCK_E"]
     # Each program walks the whole sequence, so a small batch of long sequences (high resolution) would leave most
     # SMs idle: narrow the channel block until there are enough programs to fill the GPU.
     while block_e > 8 and b * triton_cdiv(E, block_e) < cfg.get("min_programs", 0):
         block_e //= 2
-    grid = (triton_cdiv(E, block_e), b)
-    K.bimamba_fwd_kernel[grid](
-        x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, out, L, E,
-        *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, out),
-        T=cfg["T"], BLOCK_E=block_e, N=N, NUM_STAGES=cfg.get("num_stages", 1),
+    K.bimamba_fwd_kernel[(triton_cdiv(E, block_e), b)](
+        *args, T=cfg["T"], BLOCK_E=block_e, N=N, NUM_STAGES=cfg.get("num_stages", 1),
         PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"], **_register_cap(cfg))
     return out
+
+
+def _gluon_fwd_config(device: torch.device, b: int, E: int, N: int) -> Optional[dict]:
+    """The Gluon forward's launch configuration, or None where the Triton forward runs instead: off CUDA (the CPU
+    interpreter cannot run Gluon), with d_state > 32, with ``CONFIG["fwd_gluon"]`` empty, or when even one warp and one
+    channel per thread give fewer than ``min_programs`` programs (a small batch of long sequences, where the Triton
+    forward's 8-channel blocks keep more of the GPU busy)."""
+    if not CONFIG.get("fwd_gluon") or device.type != "cuda" or _interpreting() or N > 32:
+        return None
+    cfg = dict(_config("fwd_gluon", E))
+    programs = lambda: b * triton_cdiv(E, cfg["E_T"] * 32 * cfg["num_warps"])  # noqa: E731
+    while programs() < cfg.get("min_programs", 0) and cfg["num_warps"] * cfg["E_T"] > 1:
+        if cfg["num_warps"] > 1:
+            cfg["num_warps"] //= 2
+        else:
+            cfg["E_T"] //= 2
+    return cfg if programs() >= cfg.get("min_programs", 0) else None
 
 
 def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
@@ -202,7 +234,7 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     use_gluon = (bool(CONFIG.get("bwd_gluon")) and dev.type == "cuda" and not _interpreting()
                  and N % _config("bwd_gluon", E)["N_L"] == 0)
     if use_gluon:
-        from . import _fast_bwd_gluon as G
+        from . import _fast_gluon as G
 
         cfg = _config("bwd_gluon", E)
         BE = cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"]

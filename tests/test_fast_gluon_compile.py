@@ -1,0 +1,110 @@
+"""The Gluon scan kernels (`visionmamba.ops._fast_gluon`) compiled offline for sm_90 on a CPU-only machine.
+
+Triton's interpreter cannot run Gluon, so their numerics are tested on the GPU (`tests/gpu/test_fast_scan_gpu.py`).
+Here the installed triton compiles them to cubins with ptxas (shipped in the triton wheel) at the production shapes
+and specialisations, which catches Gluon API drift between triton releases, and checks the designs' point: no layout
+conversion anywhere (every register tile is a slice of one 3-D layout; the forward's B and C go through shared
+memory explicitly).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+triton = pytest.importorskip("triton")
+
+B, L, E, N, R = 128, 197, 384, 16, 24  # shufflemamba_tiny at 224 px: E = 2 * 192, dt_rank 12 -> x_dbl width 56
+FP32_ARGS = ("Af", "Ab", "Df", "Db", "bias", "dA", "dD", "dbias", "ck", "scr", "dB", "dC")
+
+
+def _ptxas_available() -> bool:
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def _compile_sm90(fn, consts: dict, num_warps: int):
+    """``fn`` compiled for sm_90 the way the launcher specialises it: 16-byte aligned pointers, ints divisible by 16
+    marked so; conv outputs contiguous, B/C column slices of x_dbl (B, L, R + 2N), z a view of the (B, L, 2E) in_proj
+    output."""
+    pytest.importorskip("triton.experimental.gluon")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    ints = dict(B=B, L=L, E=E, s_zb=L * 2 * E, s_zl=2 * E, s_gb=L * E, s_gl=E, s_ob=L * E, s_ol=E)
+    for d in ("f", "b"):
+        ints.update({f"s_x{d}b": L * E, f"s_x{d}l": E, f"s_dt{d}b": L * E, f"s_dt{d}l": E,
+                     f"s_B{d}b": L * (R + 2 * N), f"s_B{d}l": R + 2 * N, f"s_C{d}b": L * (R + 2 * N),
+                     f"s_C{d}l": R + 2 * N})
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name.startswith(FP32_ARGS) else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return triton.compile(GluonASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
+def test_gluon_backward_compiles_for_sm90_without_layout_conversions():
+    from visionmamba.ops import _fast_gluon as G
+    from visionmamba.ops import fast
+
+    cfg = fast._config("bwd_gluon", E)
+    consts = dict(T=cfg["T"], BLOCK_E=cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"], N=N, SEG=cfg["seg"],
+                  ATOMIC=True, E_T=cfg["E_T"], N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"])
+    kernel = _compile_sm90(G.bimamba_bwd_gluon_kernel, consts, cfg["num_warps"])
+    ttgir = kernel.asm["ttgir"]
+    assert "ttg.convert_layout" not in ttgir, "a layout conversion crept into the Gluon backward"
+    assert ttgir.count("tt.reduce") >= 10  # the kernel is really there: the N- and channel-reductions of both passes
+    assert len(kernel.asm["cubin"]) > 10_000
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
+def test_gluon_forward_compiles_for_sm90_with_whole_states_per_thread():
+    from visionmamba.ops import _fast_gluon as G
+    from visionmamba.ops import fast
+
+    cfg = fast._config("fwd_gluon", E)
+    consts = dict(T=cfg["T"], BLOCK_E=cfg["E_T"] * 32 * cfg["num_warps"], N=N, E_T=cfg["E_T"],
+                  NUM_WARPS=cfg["num_warps"])
+    kernel = _compile_sm90(G.bimamba_fwd_gluon_kernel, consts, cfg["num_warps"])
+    ttgir = kernel.asm["ttgir"]
+    assert "ttg.convert_layout" not in ttgir, "a layout conversion crept into the Gluon forward"
+    # B and C staged through shared memory (two buffers, stored once per chunk, read row by row by every thread)
+    assert ttgir.count("ttg.local_alloc") >= 2 and "ttg.local_load" in ttgir
+    # each thread owns whole states, so y = <h, C> reduces in registers: no warp shuffle in the kernel
+    assert "shfl" not in kernel.asm["ptx"]
+
+
+def test_gluon_forward_launch_selection(monkeypatch):
+    """Which forward runs where: Gluon on CUDA with enough programs (warps, then channels per thread, shrink first),
+    the Triton forward for small batches of long sequences, never Gluon off CUDA or in the interpreter."""
+    import torch
+
+    from visionmamba.ops import fast
+
+    monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=2, num_warps=2, min_programs=1024)])
+    cuda = torch.device("cuda")
+    assert fast._gluon_fwd_config(torch.device("cpu"), 128, 384, 16) is None
+    big = fast._gluon_fwd_config(cuda, 512, 384, 16)  # 512 rows x 3 blocks of 128 channels: as configured
+    assert (big["E_T"], big["num_warps"]) == (2, 2)
+    tiny = fast._gluon_fwd_config(cuda, 128, 384, 16)  # 128 x 3 < 1024 -> one warp (6 blocks) -> E_T 1 (12 blocks)
+    assert (tiny["E_T"], tiny["num_warps"]) == (1, 1)
+    assert fast._gluon_fwd_config(cuda, 32, 384, 16) is None  # 32 x 12 programs at most: the Triton forward
+    assert fast._gluon_fwd_config(cuda, 512, 384, 64) is None  # d_state > 32: whole states would not fit a thread
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fast._gluon_fwd_config(cuda, 512, 384, 16) is None
+    monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [])
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert fast._gluon_fwd_config(cuda, 512, 384, 16) is None

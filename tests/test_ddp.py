@@ -16,17 +16,38 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, digits_root, mlflow_store, fw) -> SimpleNamespace:
-    """``torchrun --nproc_per_node=2 train.py``: vim_test, one epoch of digits, global batch 64."""
-    cwd = tmp_path_factory.mktemp("ddp")
+def _ddp_run(getfixture):
+    """The commands behind ``ddp_run`` (conftest's ``runs_ahead`` starts them when the session starts): training,
+    then validate.py on its checkpoint, both under torchrun. The MLflow store is their own: the session's shared one
+    may be written by a test running meanwhile."""
+    fw, cwd, data_root = getfixture("fw"), getfixture("tmp_path_factory").mktemp("ddp"), getfixture("digits_root")
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
     # 16 images x 2 micro-steps x 2 ranks: the global batch of the single-process run, through DDP's no_sync path
-    args = ["train.py", *fw.fast_train_args(digits_root), "batch_size=16", "accum_steps=2", "clip_grad=1.0",
-            "eval_batch_size=32", "epochs=1", "run_name=ddp", *fw.tracking_args(mlflow_store, "ddp")]
-    proc = fw.run_script(args, cwd, timeout=600, torchrun_nproc=2)
-    final = json.loads((cwd / "outputs" / "ddp" / "final_metrics.json").read_text())
-    return SimpleNamespace(cwd=cwd, run_dir=cwd / "outputs" / "ddp", final=final, output=proc.stdout,
-                           store=mlflow_store, data_root=digits_root)
+    args = ["train.py", *fw.fast_train_args(data_root), "batch_size=16", "accum_steps=2", "clip_grad=1.0",
+            "eval_batch_size=32", "epochs=1", "run_name=ddp", *fw.tracking_args(store, "ddp")]
+    run_dir = cwd / "outputs" / "ddp"
+
+    def job(run_script) -> SimpleNamespace:
+        proc = run_script(args, cwd, timeout=600, torchrun_nproc=2)
+        # its exit status is test_torchrun_validate_is_exact_and_matches_training's to check
+        validated = run_script(["validate.py", f"checkpoint={run_dir / 'checkpoints' / 'epoch_0001.pth'}",
+                                "use_ema=true", "workers=0", "batch_size=50", f"data.root={data_root}"], cwd,
+                               check=False, torchrun_nproc=2)
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+        return SimpleNamespace(cwd=cwd, run_dir=run_dir, final=final, output=proc.stdout, store=store,
+                               data_root=data_root, validated=validated)
+
+    return job
+
+
+RUNS_AHEAD = {"ddp_run": _ddp_run}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(runs_ahead, request) -> SimpleNamespace:
+    """``torchrun --nproc_per_node=2 train.py``: vim_test, one epoch of digits, global batch 64; then
+    ``torchrun --nproc_per_node=2 validate.py`` on its checkpoint's EMA weights."""
+    return runs_ahead.result("ddp_run", _ddp_run, request.getfixturevalue)[1]
 
 
 def test_one_run_dir_one_mlflow_run_identical_replicas(ddp_run, fw):
@@ -50,11 +71,13 @@ def test_one_run_dir_one_mlflow_run_identical_replicas(ddp_run, fw):
     assert total == pytest.approx(2 * per_gpu)
 
 
-def test_torchrun_validate_is_exact_and_matches_training(ddp_run, fw):
-    """Two ranks score disjoint shards of the 360 val images: no padding duplicates, same numbers as training."""
+def test_torchrun_validate_is_exact_and_matches_training(ddp_run):
+    """Two ranks score disjoint shards of the 360 val images: no padding duplicates, same numbers as training.
+    (``torchrun --nproc_per_node=2 validate.py checkpoint=... use_ema=true workers=0 batch_size=50 data.root=...``
+    is run by the fixture.)"""
+    proc = ddp_run.validated
+    assert proc.returncode == 0, f"validate.py exited with {proc.returncode}:\n{proc.stdout[-6000:]}"
     checkpoint = ddp_run.run_dir / "checkpoints" / "epoch_0001.pth"
-    fw.run_script(["validate.py", f"checkpoint={checkpoint}", "use_ema=true", "workers=0", "batch_size=50",
-                f"data.root={ddp_run.data_root}"], ddp_run.cwd, torchrun_nproc=2)
     summary = json.loads(checkpoint.with_name("epoch_0001.val_ema.json").read_text())
     assert summary["world_size"] == 2 and summary["num_samples"] == 360 and summary["weights"] == "model_ema"
     assert summary["top1"] == pytest.approx(ddp_run.final["val_ema/top1"], abs=1e-9)

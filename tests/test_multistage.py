@@ -134,15 +134,34 @@ def test_launcher_commands_for_8_gpus_and_n_nodes():
     assert single[0][2][1].endswith("train.py") and "init_from=/runs/vim_tiny-pt" in single[1][2]
 
 
+def _two_stage_run(getfixture):
+    """The commands behind ``two_stage`` (conftest's ``runs_ahead`` starts them when the session starts): the recipe,
+    then validate.py on the final stage's checkpoint. The MLflow store is their own: the session's shared one may be
+    written by a test running meanwhile."""
+    fw, cwd = getfixture("fw"), getfixture("tmp_path_factory").mktemp("stages")
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    args = ["scripts/run_stages.py", RECIPE, f"data.root={getfixture('digits_root')}", "workers=0", "progress=line",
+            "epochs=1", *fw.tracking_args(store, "multistage")]
+    large = cwd / "outputs" / f"{RECIPE}-large"
+
+    def job(run_script) -> SimpleNamespace:
+        stages = run_script(args, cwd, timeout=600)
+        validated = run_script(["validate.py", f"checkpoint={large / 'checkpoints' / 'epoch_0001.pth'}", "workers=0"],
+                               cwd, check=False)  # its exit status is test_validate_evaluates_the_final_stage's
+        return SimpleNamespace(cwd=cwd, args=args, output=stages.stdout, validated=validated,
+                               store=store, small=cwd / "outputs" / f"{RECIPE}-small", large=large)
+
+    return job
+
+
+RUNS_AHEAD = {"two_stage": _two_stage_run}
+
+
 @pytest.fixture(scope="module")
-def two_stage(tmp_path_factory, digits_root, mlflow_store, fw) -> SimpleNamespace:
-    """``scripts/run_stages.py digits_two_stage`` (one epoch per stage), as a user runs it."""
-    cwd = tmp_path_factory.mktemp("stages")
-    args = ["scripts/run_stages.py", RECIPE, f"data.root={digits_root}", "workers=0", "progress=line", "epochs=1",
-            *fw.tracking_args(mlflow_store, "multistage")]
-    proc = fw.run_script(args, cwd, timeout=600)
-    return SimpleNamespace(cwd=cwd, args=args, output=proc.stdout, store=mlflow_store,
-                           small=cwd / "outputs" / f"{RECIPE}-small", large=cwd / "outputs" / f"{RECIPE}-large")
+def two_stage(runs_ahead, request) -> SimpleNamespace:
+    """``scripts/run_stages.py digits_two_stage`` (one epoch per stage), as a user runs it, then ``validate.py`` on
+    the final checkpoint (checked by test_validate_evaluates_the_final_stage)."""
+    return runs_ahead.result("two_stage", _two_stage_run, request.getfixturevalue)[1]
 
 
 def test_two_stages_end_with_a_higher_resolution_model(two_stage):
@@ -161,9 +180,11 @@ def test_two_stages_end_with_a_higher_resolution_model(two_stage):
     assert f"all 2 stages done: final model in outputs/{RECIPE}-large" in two_stage.output
 
 
-def test_validate_evaluates_the_final_stage(two_stage, fw):
+def test_validate_evaluates_the_final_stage(two_stage):
+    """``python validate.py checkpoint=<final stage>/checkpoints/epoch_0001.pth workers=0`` (run by the fixture)."""
+    proc = two_stage.validated
+    assert proc.returncode == 0, f"validate.py exited with {proc.returncode}:\n{proc.stdout[-6000:]}"
     checkpoint = two_stage.large / "checkpoints" / "epoch_0001.pth"
-    proc = fw.run_script(["validate.py", f"checkpoint={checkpoint}", "workers=0"], two_stage.cwd)
     summary = json.loads(checkpoint.with_name("epoch_0001.val.json").read_text())
     final = json.loads((two_stage.large / "final_metrics.json").read_text())
     assert summary["img_size"] == 32 and summary["num_samples"] == 360 and summary["resized"] == []

@@ -24,12 +24,34 @@ def sweep_args(run_name: str, store: str, experiment: str) -> list[str]:
             f"mlflow.experiment_name={experiment}"]
 
 
+def _sweep_run(getfixture):
+    """The commands behind ``sweep`` (conftest's ``runs_ahead`` starts them when the session starts): the sweep, then
+    scripts/compare_runs.py over it. The MLflow store is their own: the session's shared one may be written by a
+    test running meanwhile."""
+    fw, cwd, compare_cwd = (getfixture("fw"), getfixture("tmp_path_factory").mktemp("sweep"),
+                            getfixture("tmp_path_factory").mktemp("compare"))
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    png = compare_cwd / "compare" / "sweep.png"
+
+    def job(run_script) -> SimpleNamespace:
+        run_script(["train.py", "-m", f"regularizer.shuffle.rate={','.join(RATES)}",
+                    *sweep_args(SWEEP, store, "sweeps")], cwd, timeout=600)
+        compared = run_script(["scripts/compare_runs.py", "--sweep", SWEEP, "--tracking-uri", store,
+                               "--experiment", "sweeps", "--out", str(png)], compare_cwd,
+                              check=False)  # its exit status is test_compare_runs_...'s to check
+        return SimpleNamespace(cwd=cwd, store=store, compared=compared, png=png)
+
+    return job
+
+
+RUNS_AHEAD = {"sweep": _sweep_run}
+
+
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, mlflow_store, fw) -> SimpleNamespace:
-    cwd = tmp_path_factory.mktemp("sweep")
-    proc = fw.run_script(["train.py", "-m", f"regularizer.shuffle.rate={','.join(RATES)}",
-                          *sweep_args(SWEEP, mlflow_store, "sweeps")], cwd, timeout=600)
-    return SimpleNamespace(cwd=cwd, output=proc.stdout, store=mlflow_store)
+def sweep(runs_ahead, request) -> SimpleNamespace:
+    """The 3-point sweep, then ``scripts/compare_runs.py --sweep ... --out <dir>/compare/sweep.png`` over it
+    (checked by test_compare_runs_prints_a_row_per_point_and_logs_a_png)."""
+    return runs_ahead.result("sweep", _sweep_run, request.getfixturevalue)[1]
 
 
 def test_every_point_runs_in_one_experiment_with_the_sweep_tag(sweep, fw):
@@ -45,18 +67,18 @@ def test_every_point_runs_in_one_experiment_with_the_sweep_tag(sweep, fw):
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
-def test_compare_runs_prints_a_row_per_point_and_logs_a_png(sweep, tmp_path, fw):
+def test_compare_runs_prints_a_row_per_point_and_logs_a_png(sweep, fw):
     from PIL import Image
 
-    png = tmp_path / "compare" / "sweep.png"
-    proc = fw.run_script(["scripts/compare_runs.py", "--sweep", SWEEP, "--tracking-uri", sweep.store,
-                          "--experiment", "sweeps", "--out", str(png)], tmp_path)
-    lines = proc.stdout.splitlines()
+    png, proc = sweep.png, sweep.compared  # compare_runs.py, run by the fixture
+    assert proc.returncode == 0, f"scripts/compare_runs.py exited with {proc.returncode}:\n{proc.stdout[-6000:]}"
+    output = proc.stdout
+    lines = output.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("run "))
     table = lines[header:header + 5]
     assert set(table[1]) <= {"-", " "}
     rows = table[2:]
-    assert len(rows) == 3 and lines[header + 5].strip() == "", proc.stdout
+    assert len(rows) == 3 and lines[header + 5].strip() == "", output
     columns = table[0].split()
     # one swept column (model.shuffle_rate merely mirrors it), then the metrics
     assert columns[:2] == ["run", "regularizer.shuffle.rate"] and "img/s" in columns
@@ -82,7 +104,7 @@ def test_compare_runs_prints_a_row_per_point_and_logs_a_png(sweep, tmp_path, fw)
     assert len(compare) == 1 and compare[0].data.tags["sweep"] == SWEEP
     artifacts = {a.path for a in client.list_artifacts(compare[0].info.run_id)}
     assert {"sweep.png", "compare_runs.txt"} <= artifacts
-    assert re.search(r"logged to MLflow run [0-9a-f]{32}", proc.stdout)
+    assert re.search(r"logged to MLflow run [0-9a-f]{32}", output)
 
 
 @pytest.mark.skipif(not hasattr(distributed, "_GROUPS_SET_UP"), reason=(

@@ -62,12 +62,28 @@ def test_unreachable_tracking_server_warns_once_and_training_completes(tmp_path,
     assert (tmp_path / "outputs" / "offline" / "checkpoints" / "epoch_0002.pth").is_file()
 
 
-def test_sweep_gives_each_job_its_own_run_dir_and_mlflow_run(tmp_path, mlflow_store, fw):
-    fw.run_script(["train.py", "-m", *fw.synthetic_args("sweep"), "epochs=1", "regularizer.shuffle.rate=0,0.5",
-                f"mlflow.tracking_uri={mlflow_store}", "mlflow.experiment_name=sweep"], tmp_path)
-    jobs = sorted(p.name for p in (tmp_path / "outputs" / "sweep").iterdir() if p.is_dir())
+def _two_point_sweep(getfixture):
+    """``train.py -m`` over 2 shuffle rates, in a directory and MLflow store of its own (conftest's ``runs_ahead``
+    starts it when the session starts)."""
+    fw, cwd = getfixture("fw"), getfixture("tmp_path_factory").mktemp("tracking-sweep")
+    return fw.ScriptRun(["train.py", "-m", *fw.synthetic_args("sweep"), "epochs=1", "regularizer.shuffle.rate=0,0.5",
+                         f"mlflow.tracking_uri=sqlite:///{cwd / 'mlflow.db'}", "mlflow.experiment_name=sweep"], cwd)
+
+
+RUNS_AHEAD = {"two_point_sweep": _two_point_sweep}
+
+
+@pytest.fixture(scope="module")
+def two_point_sweep(runs_ahead, request):
+    run, _ = runs_ahead.result("two_point_sweep", _two_point_sweep, request.getfixturevalue)
+    return run.cwd, f"sqlite:///{run.cwd / 'mlflow.db'}"
+
+
+def test_sweep_gives_each_job_its_own_run_dir_and_mlflow_run(two_point_sweep, fw):
+    cwd, store = two_point_sweep
+    jobs = sorted(p.name for p in (cwd / "outputs" / "sweep").iterdir() if p.is_dir())
     assert jobs == ["regularizer.shuffle.rate=0", "regularizer.shuffle.rate=0.5"]  # named by the swept values only
-    _, runs = fw.mlflow_runs(mlflow_store, "sweep")
+    _, runs = fw.mlflow_runs(store, "sweep")
     assert sorted(r.info.run_name for r in runs) == [f"sweep/{job}" for job in jobs]
     assert {r.data.tags["sweep"] for r in runs} == {"sweep"}
     assert sorted(r.data.params["model.shuffle_rate"] for r in runs) == ["0", "0.5"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ def test_training_learns_and_writes_one_run_dir(trained_run):
     assert final["epoch"] == 2 and final["global_step"] == 2 * (1437 // 64)
     assert final["best/epoch"] in (1, 2)
     assert [p.name for p in (trained_run.cwd / "outputs").iterdir()] == ["e2e"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pth", "epoch_0001.pth",
-                                                                           "epoch_0002.pth"]
+    # (as training left it: the fixture lists it before validate.py writes its summary there)
+    assert trained_run.checkpoint_files == ["best.pth", "epoch_0001.pth", "epoch_0002.pth"]
     for name in ("config.yaml", "train.log", "mlflow_run.json", ".hydra/config.yaml", ".hydra/overrides.yaml"):
         assert (run_dir / name).is_file(), name
     assert "eta" in trained_run.output and "img/s" in trained_run.output  # the periodic progress line
@@ -34,9 +35,11 @@ def test_training_learns_and_writes_one_run_dir(trained_run):
     assert root.is_absolute() and root.name == "digits"
 
 
-def test_validate_reproduces_training_metrics(trained_run, fw):
+def test_validate_reproduces_training_metrics(trained_run):
+    """``python validate.py checkpoint=<run>/checkpoints/epoch_0002.pth workers=0`` (run by the fixture)."""
+    proc = trained_run.validated
+    assert proc.returncode == 0, f"validate.py exited with {proc.returncode}:\n{proc.stdout[-6000:]}"
     checkpoint = trained_run.run_dir / "checkpoints" / "epoch_0002.pth"
-    proc = fw.run_script(["validate.py", f"checkpoint={checkpoint}", "workers=0"], trained_run.cwd)
     summary = json.loads(checkpoint.with_name("epoch_0002.val.json").read_text())
     # model, data, precision and eval batch size all come from the checkpoint's recorded config
     assert summary["top1"] == pytest.approx(trained_run.final["val/top1"], abs=1e-9)
@@ -46,29 +49,57 @@ def test_validate_reproduces_training_metrics(trained_run, fw):
     assert "top-1" in proc.stdout
 
 
-def test_rerun_resumes_refuses_changes_and_keeps_one_mlflow_run(tmp_path, mlflow_store, fw):
-    args = ["train.py", *fw.synthetic_args("resumable"), *fw.tracking_args(mlflow_store, "resume")]
-    run_dir = tmp_path / "outputs" / "resumable"
-    first = fw.run_script([*args, "epochs=1"], tmp_path)
-    assert "resuming" not in first.stdout
+def _resume_sequence(getfixture):
+    """The three commands of the resume test below, in a directory and MLflow store of their own (conftest's
+    ``runs_ahead`` starts them when the session starts), with what the test checks between them."""
+    fw, cwd = getfixture("fw"), getfixture("tmp_path_factory").mktemp("resume")
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    args = ["train.py", *fw.synthetic_args("resumable"), *fw.tracking_args(store, "resume")]
+    run_dir = cwd / "outputs" / "resumable"
+
+    def run_dir_state():
+        return sorted((run_dir / "checkpoints").iterdir()), (run_dir / "config.yaml").read_text()
+
+    def job(run_script) -> SimpleNamespace:
+        first = run_script([*args, "epochs=1"], cwd)
+        before_refused = run_dir_state()
+        refused = run_script([*args, "epochs=2", "optimizer.base_lr=1e-3"], cwd, check=False)
+        after_refused = run_dir_state()
+        second = run_script([*args, "epochs=2"], cwd)
+        return SimpleNamespace(run_dir=run_dir, store=store, first=first, before_refused=before_refused,
+                               refused=refused, after_refused=after_refused, second=second)
+
+    return job
+
+
+RUNS_AHEAD = {"resume_sequence": _resume_sequence}
+
+
+@pytest.fixture(scope="module")
+def resume_sequence(runs_ahead, request) -> SimpleNamespace:
+    return runs_ahead.result("resume_sequence", _resume_sequence, request.getfixturevalue)[1]
+
+
+def test_rerun_resumes_refuses_changes_and_keeps_one_mlflow_run(resume_sequence, fw):
+    seq, run_dir = resume_sequence, resume_sequence.run_dir
+    assert "resuming" not in seq.first.stdout
 
     # Same run_name, another experiment: one error line, exit status 2, nothing in the run dir touched.
-    checkpoints = sorted((run_dir / "checkpoints").iterdir())
-    snapshot = (run_dir / "config.yaml").read_text()
-    refused = fw.run_script([*args, "epochs=2", "optimizer.base_lr=1e-3"], tmp_path, check=False)
+    checkpoints, snapshot = seq.before_refused
+    refused = seq.refused
     assert refused.returncode == 2 and "Traceback" not in refused.stdout
     errors = [line for line in refused.stdout.splitlines() if "error:" in line]
     assert len(errors) == 1 and "optimizer.base_lr" in errors[0] and "run_name" in errors[0], refused.stdout
-    assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints
-    assert (run_dir / "config.yaml").read_text() == snapshot
+    assert seq.after_refused[0] == checkpoints  # sorted((run_dir / "checkpoints").iterdir()) after the refused run
+    assert seq.after_refused[1] == snapshot  # (run_dir / "config.yaml").read_text() after the refused run
 
     # The same command with more epochs continues at epoch 1 (3 updates of 32 images were done).
-    second = fw.run_script([*args, "epochs=2"], tmp_path)
+    second = seq.second
     assert "resuming from" in second.stdout and "at epoch 1 (update 3)" in second.stdout
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["epoch"] == 2 and final["global_step"] == 6
 
-    client, runs = fw.mlflow_runs(mlflow_store, "resume")
+    client, runs = fw.mlflow_runs(seq.store, "resume")
     assert len(runs) == 1, "a resumed job must continue its MLflow run, not open another"
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1")) == [1, 2]
     assert runs[0].info.status == "FINISHED"

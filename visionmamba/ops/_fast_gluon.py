@@ -82,19 +82,21 @@ def _rows(c, L, T: gl.constexpr, layout: gl.constexpr, REVERSE: gl.constexpr):
 
 
 @gluon.jit
+def _tile(ptr, b_off, t, s_l, cols, mask):
+    """(T, X) tile of a (B, L, X) tensor with unit stride along X, rows t, as fp32 (the layout is t's and cols')."""
+    return gl.load(ptr + b_off + t[:, None] * s_l + cols[None, :], mask=mask, other=0.0).to(gl.float32)
+
+
+@gluon.jit
 def _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl,
-            e_te, e_mask_te, n_tn, T: gl.constexpr, L3: gl.constexpr, REVERSE: gl.constexpr):
-    """x, dt (T, BLOCK_E) and B, C (T, N) of chunk c as fp32, each in its slice of L3."""
-    t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, gl.SliceLayout(2, L3)), REVERSE)
-    t_tn, v_tn = _rows(c, L, T, gl.SliceLayout(1, gl.SliceLayout(1, L3)), REVERSE)
+            e_te, e_mask_te, n_tn, T: gl.constexpr, LTE: gl.constexpr, LTN: gl.constexpr, REVERSE: gl.constexpr):
+    """x, dt (T, BLOCK_E) in LTE and B, C (T, N) in LTN of chunk c, as fp32."""
+    t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
+    t_tn, v_tn = _rows(c, L, T, gl.SliceLayout(1, LTN), REVERSE)
     m_te = v_te[:, None] & e_mask_te[None, :]
-    x = gl.load(x_ptr + b64 * s_xb + t_te[:, None] * s_xl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-    dt = gl.load(dt_ptr + b64 * s_dtb + t_te[:, None] * s_dtl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-    Bm = gl.load(b_ptr + b64 * s_bb + t_tn[:, None] * s_bl + n_tn[None, :], mask=v_tn[:, None],
-                 other=0.0).to(gl.float32)
-    Cm = gl.load(c_ptr + b64 * s_cb + t_tn[:, None] * s_cl + n_tn[None, :], mask=v_tn[:, None],
-                 other=0.0).to(gl.float32)
-    return x, dt, Bm, Cm
+    return (_tile(x_ptr, b64 * s_xb, t_te, s_xl, e_te, m_te), _tile(dt_ptr, b64 * s_dtb, t_te, s_dtl, e_te, m_te),
+            _tile(b_ptr, b64 * s_bb, t_tn, s_bl, n_tn, v_tn[:, None]),
+            _tile(c_ptr, b64 * s_cb, t_tn, s_cl, n_tn, v_tn[:, None]))
 
 
 @gluon.jit
@@ -129,7 +131,7 @@ def _advance(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s
     t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, gl.SliceLayout(2, L3)), REVERSE)
     m_te = v_te[:, None] & e_mask_te[None, :]
     nx, ndt, nB, nC = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
-                              s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
+                              s_cl, e_te, e_mask_te, n_tn, T, gl.SliceLayout(2, L3), gl.SliceLayout(1, L3), REVERSE)
     delta, w, a, dx_, bx, hs, h = _states(x, dt, Bm, bias, A2, m_te, h, rows3, T)
     return h, nx, ndt, nB
 
@@ -198,7 +200,6 @@ def _fwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, out_pt
             gl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_te)
         else:
             gl.store(o_ptrs, ((prev + y) * 0.5 * (z * _sigmoid(z))).to(out_ptr.dtype.element_ty), mask=m_te)
-    _cta_barrier()  # the next pass reuses no buffer, but its first stores must not race this pass's last reads
 
 
 @gluon.jit
@@ -207,22 +208,16 @@ def _fwd_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, c, L, b64, s_xb, s_
                 LBC: gl.constexpr, REVERSE: gl.constexpr, FIRST: gl.constexpr):
     """Chunk c's x, dt (T, BLOCK_E) in LTE and B, C (T, N) in the compact LBC, as fp32; for the second pass also z
     and the first pass's y (written by this program before the barrier between the passes), else x twice (unused)."""
-    t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-    t_bc, v_bc = _rows(c, L, T, gl.SliceLayout(1, LBC), REVERSE)
-    m_te = v_te[:, None] & e_mask_te[None, :]
-    x = gl.load(x_ptr + b64 * s_xb + t_te[:, None] * s_xl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-    dt = gl.load(dt_ptr + b64 * s_dtb + t_te[:, None] * s_dtl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-    Bm = gl.load(b_ptr + b64 * s_bb + t_bc[:, None] * s_bl + n_bc[None, :], mask=v_bc[:, None],
-                 other=0.0).to(gl.float32)
-    Cm = gl.load(c_ptr + b64 * s_cb + t_bc[:, None] * s_cl + n_bc[None, :], mask=v_bc[:, None],
-                 other=0.0).to(gl.float32)
+    x, dt, Bm, Cm = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl,
+                            e_te, e_mask_te, n_bc, T, LTE, LBC, REVERSE)
     if FIRST:
         z = x
         prev = x
     else:
-        z = gl.load(z_ptr + b64 * s_zb + t_te[:, None] * s_zl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-        prev = gl.load(out_ptr + b64 * s_ob + t_te[:, None] * s_ol + e_te[None, :], mask=m_te,
-                       other=0.0).to(gl.float32)
+        t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
+        m_te = v_te[:, None] & e_mask_te[None, :]
+        z = _tile(z_ptr, b64 * s_zb, t_te, s_zl, e_te, m_te)
+        prev = _tile(out_ptr, b64 * s_ob, t_te, s_ol, e_te, m_te)
     return x, dt, Bm, Cm, z, prev
 
 
@@ -249,7 +244,9 @@ def bimamba_fwd_gluon_kernel(
     _fwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, out_ptr, pid_b, pid_e, L, E,
               s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_ob, s_ol,
               False, True, T, BLOCK_E, N, L3, LBC)
-    _cta_barrier()  # pass 2 reads what other threads of this program wrote in pass 1
+    # pass 2 reads what other threads of this program wrote in pass 1 (y), and its first shared-memory stores must not
+    # race pass 1's last reads
+    _cta_barrier()
     _fwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, out_ptr, pid_b, pid_e, L, E,
               s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_ob, s_ol,
               True, False, T, BLOCK_E, N, L3, LBC)
@@ -264,14 +261,14 @@ def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j, c, L, E, b64, s_
     LTE: gl.constexpr = gl.SliceLayout(2, L3)
     t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
     m_te = v_te[:, None] & e_mask_te[None, :]
-    x = gl.load(x_ptr + b64 * s_xb + t_te[:, None] * s_xl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-    dt = gl.load(dt_ptr + b64 * s_dtb + t_te[:, None] * s_dtl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-    z = gl.load(z_ptr + b64 * s_zb + t_te[:, None] * s_zl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
-    g = gl.load(g_ptr + b64 * s_gb + t_te[:, None] * s_gl + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
+    x = _tile(x_ptr, b64 * s_xb, t_te, s_xl, e_te, m_te)
+    dt = _tile(dt_ptr, b64 * s_dtb, t_te, s_dtl, e_te, m_te)
+    z = _tile(z_ptr, b64 * s_zb, t_te, s_zl, e_te, m_te)
+    g = _tile(g_ptr, b64 * s_gb, t_te, s_gl, e_te, m_te)
     if FIRST:
         prev = gl.zeros((T, BLOCK_E), gl.float32, LTE)
     else:  # written by the first pass of this program (before the barrier between the passes)
-        prev = gl.load(dz_ptr + b64 * L * E + t_te[:, None] * E + e_te[None, :], mask=m_te, other=0.0).to(gl.float32)
+        prev = _tile(dz_ptr, b64 * L * E, t_te, E, e_te, m_te)
     LEN: gl.constexpr = gl.SliceLayout(0, L3)
     slot = (gl.arange(0, BLOCK_E, layout=gl.SliceLayout(1, LEN))[:, None] * N
             + gl.arange(0, N, layout=gl.SliceLayout(0, LEN))[None, :])
@@ -318,7 +315,7 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
     h = gl.zeros((BLOCK_E, N), gl.float32, LEN)
     gl.store(ck_base, h, mask=en_mask)
     nx, ndt, nB, _ = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, 0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
-                              s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
+                              s_cl, e_te, e_mask_te, n_tn, T, gl.SliceLayout(2, L3), gl.SliceLayout(1, L3), REVERSE)
     for s in range(0, n_seg - 1):
         for j in range(0, SEG):
             c = s * SEG + j
@@ -340,7 +337,7 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
         # 2a: forward through the segment, keeping the state entering each chunk
         h = gl.load(ck_base + s * E * N, mask=en_mask, other=0.0)
         nx, ndt, nB, _ = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
-                                  s_cb, s_cl, e_te, e_mask_te, n_tn, T, L3, REVERSE)
+                                  s_cb, s_cl, e_te, e_mask_te, n_tn, T, gl.SliceLayout(2, L3), gl.SliceLayout(1, L3), REVERSE)
         for j in range(0, nj - 1):
             gl.store(scr_base + j * BLOCK_E * N, h)
             c = c0 + j
@@ -364,10 +361,8 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
             px, pdt, pz, pg, pprev, ph0 = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j - 1, c - 1,
                                                     L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl,
                                                     e_te, e_mask_te, T, BLOCK_E, N, L3, REVERSE, FIRST)
-            Bm = gl.load(b_ptr + b64 * s_bb + t_tn[:, None] * s_bl + n_tn[None, :], mask=v_tn[:, None],
-                         other=0.0).to(gl.float32)
-            Cm = gl.load(c_ptr + b64 * s_cb + t_tn[:, None] * s_cl + n_tn[None, :], mask=v_tn[:, None],
-                         other=0.0).to(gl.float32)
+            Bm = _tile(b_ptr, b64 * s_bb, t_tn, s_bl, n_tn, v_tn[:, None])
+            Cm = _tile(c_ptr, b64 * s_cb, t_tn, s_cl, n_tn, v_tn[:, None])
             off_o = b64 * L * E + t_te[:, None] * E + e_te[None, :]  # contiguous (B, L, E) gradient buffers
             sz = _sigmoid(z)
             gy = g * (z * sz) * 0.5

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -50,11 +49,13 @@ def script_env() -> dict[str, str]:
     return env
 
 
-def _command(args: list[str], torchrun_nproc: int = 0) -> list[str]:
+def _command(args: list[str], torchrun_nproc: int = 0, extra_launcher_args: tuple[str, ...] = ()) -> list[str]:
+    """``python <REPO>/<args[0]> args[1:]``, or under ``torchrun --standalone`` (with ``extra_launcher_args``)."""
     script, *overrides = args
     launcher = [sys.executable]
     if torchrun_nproc:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}"]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}",
+                     *extra_launcher_args]
     return [*launcher, str(REPO / script), *overrides]
 
 
@@ -105,22 +106,9 @@ def synthetic_args(run_name: str) -> list[str]:
 
 
 # ---- long script runs of shared fixtures, started ahead of the tests that need them ------------------------------
-@dataclass
-class ScriptRun:
-    """One :func:`run_script` call (``check=True``), described before it runs; calling it with a ``run_script``
-    runs it. The simplest job for :class:`RunsAhead`."""
-    args: list[str]
-    cwd: Path
-    timeout: float = 300
-    torchrun_nproc: int = 0
-
-    def __call__(self, run: Callable[..., subprocess.CompletedProcess]) -> subprocess.CompletedProcess:
-        return run(self.args, self.cwd, timeout=self.timeout, torchrun_nproc=self.torchrun_nproc)
-
-
 # Jobs that RunsAhead may start early: fixture name -> make(getfixturevalue) -> job, where a job is a callable that
-# takes a ``run_script`` and returns the fixture's raw result (a ScriptRun, or a function that runs several scripts
-# in sequence). This file's fixtures are here; a test module declares its own in a module-level ``RUNS_AHEAD``.
+# takes a ``run_script``, runs its scripts with it and returns the fixture's value. This file's fixtures are here; a
+# test module declares its own in a module-level ``RUNS_AHEAD``.
 RUNS_AHEAD: dict[str, Callable] = {}
 
 
@@ -138,7 +126,7 @@ class RunsAhead:
     """
 
     def __init__(self):
-        self._planned: dict[str, tuple[object, Future]] = {}
+        self._planned: dict[str, Future] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._running: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
@@ -149,19 +137,17 @@ class RunsAhead:
         """Start the jobs ``[(fixture name, make), ...]`` in this order (each made now, in the main thread)."""
         for key, make in makers:
             job, future = make(getfixture), Future()
-            self._planned[key] = (job, future)
+            self._planned[key] = future
             self._jobs.put((job, future))
         if makers:
             threading.Thread(target=self._work, name="runs-ahead", daemon=True).start()
 
-    def result(self, key: str, make: Callable, getfixture: Callable[[str], object]) -> tuple[object, object]:
-        """(job, its result) for fixture ``key``: the planned job's, or ``make(getfixture)``'s, run now
+    def result(self, key: str, make: Callable, getfixture: Callable[[str], object]) -> object:
+        """Fixture ``key``'s value: the planned job's result, or that of ``make(getfixture)``'s job, run now
         (``getfixture``: the calling fixture's ``request.getfixturevalue``)."""
         if key in self._planned:
-            job, future = self._planned[key]
-            return job, future.result()
-        job = make(getfixture)
-        return job, job(run_script)
+            return self._planned[key].result()
+        return make(getfixture)(run_script)
 
     def _work(self) -> None:
         while True:
@@ -201,7 +187,7 @@ class RunsAhead:
         with self._lock:
             self._closed = True
             running = list(self._running)
-        for _, future in self._planned.values():
+        for future in self._planned.values():
             future.cancel()
         for proc in running:
             _kill_group(proc)
@@ -270,7 +256,7 @@ RUNS_AHEAD["trained_run"] = _trained_run
 def trained_run(runs_ahead, request) -> SimpleNamespace:
     """``vim_test`` trained for 2 epochs on digits by ``python train.py`` (shared by the e2e and MLflow tests), then
     ``python validate.py checkpoint=<run>/checkpoints/epoch_0002.pth workers=0`` (checked by test_train_e2e)."""
-    return runs_ahead.result("trained_run", _trained_run, request.getfixturevalue)[1]
+    return runs_ahead.result("trained_run", _trained_run, request.getfixturevalue)
 
 
 @pytest.fixture(scope="session")
@@ -301,8 +287,7 @@ def fw() -> SimpleNamespace:
     """The framework-test helpers of this file, as one object."""
     return SimpleNamespace(REPO=REPO, CONF=CONF, run_script=run_script, compose_train=compose_train,
                            fast_train_args=fast_train_args, synthetic_args=synthetic_args,
-                           tracking_args=tracking_args, mlflow_runs=mlflow_runs, script_env=script_env,
-                           ScriptRun=ScriptRun)
+                           tracking_args=tracking_args, mlflow_runs=mlflow_runs, script_env=script_env)
 
 
 # ---- reliability tests (tests/test_reliability.py): scripts run in the background, to be signalled or killed ----
@@ -311,14 +296,9 @@ def spawn_script(args: list[str], cwd: Path, log_path: Path, *, torchrun_nproc: 
     """Like :func:`run_script`, but returns at once: stdout+stderr go to ``log_path`` (a file, so a chatty process
     never blocks on a full pipe). The caller owns the process: wait for it, signal it or kill it. It leads a process
     group of its own (``os.killpg(proc.pid, ...)`` also ends torchrun's workers and DataLoader workers)."""
-    script, *overrides = args
-    launcher = [sys.executable]
-    if torchrun_nproc:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}",
-                     *extra_launcher_args]
     out = open(log_path, "w")  # noqa: SIM115 - closed when the process is reaped, by the child's exit
     try:
-        return subprocess.Popen([*launcher, str(REPO / script), *overrides], cwd=cwd, env=script_env(),
+        return subprocess.Popen(_command(args, torchrun_nproc, extra_launcher_args), cwd=cwd, env=script_env(),
                                 stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     finally:
         out.close()  # the child holds its own copy of the descriptor

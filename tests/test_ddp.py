@@ -47,7 +47,7 @@ RUNS_AHEAD = {"ddp_run": _ddp_run}
 def ddp_run(runs_ahead, request) -> SimpleNamespace:
     """``torchrun --nproc_per_node=2 train.py``: vim_test, one epoch of digits, global batch 64; then
     ``torchrun --nproc_per_node=2 validate.py`` on its checkpoint's EMA weights."""
-    return runs_ahead.result("ddp_run", _ddp_run, request.getfixturevalue)[1]
+    return runs_ahead.result("ddp_run", _ddp_run, request.getfixturevalue)
 
 
 def test_one_run_dir_one_mlflow_run_identical_replicas(ddp_run, fw):

@@ -161,7 +161,7 @@ RUNS_AHEAD = {"two_stage": _two_stage_run}
 def two_stage(runs_ahead, request) -> SimpleNamespace:
     """``scripts/run_stages.py digits_two_stage`` (one epoch per stage), as a user runs it, then ``validate.py`` on
     the final checkpoint (checked by test_validate_evaluates_the_final_stage)."""
-    return runs_ahead.result("two_stage", _two_stage_run, request.getfixturevalue)[1]
+    return runs_ahead.result("two_stage", _two_stage_run, request.getfixturevalue)
 
 
 def test_two_stages_end_with_a_higher_resolution_model(two_stage):

@@ -51,7 +51,7 @@ RUNS_AHEAD = {"sweep": _sweep_run}
 def sweep(runs_ahead, request) -> SimpleNamespace:
     """The 3-point sweep, then ``scripts/compare_runs.py --sweep ... --out <dir>/compare/sweep.png`` over it
     (checked by test_compare_runs_prints_a_row_per_point_and_logs_a_png)."""
-    return runs_ahead.result("sweep", _sweep_run, request.getfixturevalue)[1]
+    return runs_ahead.result("sweep", _sweep_run, request.getfixturevalue)
 
 
 def test_every_point_runs_in_one_experiment_with_the_sweep_tag(sweep, fw):

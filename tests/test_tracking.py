@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -66,8 +67,15 @@ def _two_point_sweep(getfixture):
     """``train.py -m`` over 2 shuffle rates, in a directory and MLflow store of its own (conftest's ``runs_ahead``
     starts it when the session starts)."""
     fw, cwd = getfixture("fw"), getfixture("tmp_path_factory").mktemp("tracking-sweep")
-    return fw.ScriptRun(["train.py", "-m", *fw.synthetic_args("sweep"), "epochs=1", "regularizer.shuffle.rate=0,0.5",
-                         f"mlflow.tracking_uri=sqlite:///{cwd / 'mlflow.db'}", "mlflow.experiment_name=sweep"], cwd)
+    store = f"sqlite:///{cwd / 'mlflow.db'}"
+    args = ["train.py", "-m", *fw.synthetic_args("sweep"), "epochs=1", "regularizer.shuffle.rate=0,0.5",
+            f"mlflow.tracking_uri={store}", "mlflow.experiment_name=sweep"]
+
+    def job(run_script) -> tuple[Path, str]:
+        run_script(args, cwd)
+        return cwd, store
+
+    return job
 
 
 RUNS_AHEAD = {"two_point_sweep": _two_point_sweep}
@@ -75,8 +83,7 @@ RUNS_AHEAD = {"two_point_sweep": _two_point_sweep}
 
 @pytest.fixture(scope="module")
 def two_point_sweep(runs_ahead, request):
-    run, _ = runs_ahead.result("two_point_sweep", _two_point_sweep, request.getfixturevalue)
-    return run.cwd, f"sqlite:///{run.cwd / 'mlflow.db'}"
+    return runs_ahead.result("two_point_sweep", _two_point_sweep, request.getfixturevalue)
 
 
 def test_sweep_gives_each_job_its_own_run_dir_and_mlflow_run(two_point_sweep, fw):

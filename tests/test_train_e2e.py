@@ -77,7 +77,7 @@ RUNS_AHEAD = {"resume_sequence": _resume_sequence}
 
 @pytest.fixture(scope="module")
 def resume_sequence(runs_ahead, request) -> SimpleNamespace:
-    return runs_ahead.result("resume_sequence", _resume_sequence, request.getfixturevalue)[1]
+    return runs_ahead.result("resume_sequence", _resume_sequence, request.getfixturevalue)
 
 
 def test_rerun_resumes_refuses_changes_and_keeps_one_mlflow_run(resume_sequence, fw):

@@ -26,7 +26,7 @@ def _ptxas_available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-def _compile_sm90(fn, consts: dict, num_warps: int):
+def _compile_sm90(fn, consts: dict, num_warps: int, maxnreg=None):
     """``fn`` compiled for sm_90 the way the launcher specialises it: 16-byte aligned pointers, ints divisible by 16
     marked so; conv outputs contiguous, B/C column slices of x_dbl (B, L, R + 2N), z a view of the (B, L, 2E) in_proj
     output."""
@@ -52,21 +52,30 @@ def _compile_sm90(fn, consts: dict, num_warps: int):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return triton.compile(GluonASTSource(fn, sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
-def test_gluon_backward_compiles_for_sm90_without_layout_conversions():
+@pytest.mark.parametrize("entry", [0, 1], ids=["E384", "E768"])
+def test_gluon_backward_compiles_for_sm90_without_layout_conversions(entry):
+    """Both configured backward variants (2 lanes per state with a register cap, 1 lane), each with both directions
+    in one kernel (split programs)."""
     from visionmamba.ops import _fast_gluon as G
     from visionmamba.ops import fast
 
-    cfg = fast._config("bwd_gluon", E)
-    consts = dict(T=cfg["T"], BLOCK_E=cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"], N=N, SEG=cfg["seg"],
-                  ATOMIC=True, E_T=cfg["E_T"], N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"])
-    kernel = _compile_sm90(G.bimamba_bwd_gluon_kernel, consts, cfg["num_warps"])
+    cfg = fast._config("bwd_gluon", (E, 2 * E)[entry])
+    block_e = (32 // cfg["N_L"]) * cfg["num_warps"]
+    consts = dict(T=cfg["T"], BLOCK_E=block_e, N=N, SEG=cfg["seg"], ATOMIC=False, N_L=cfg["N_L"],
+                  NUM_WARPS=cfg["num_warps"], RL=G.reduce_layout(cfg["T"], N, block_e, cfg["num_warps"]),
+                  SPLIT=cfg["split"])
+    kernel = _compile_sm90(G.bimamba_bwd_gluon_kernel, consts, cfg["num_warps"], maxnreg=cfg.get("maxnreg"))
     ttgir = kernel.asm["ttgir"]
     assert "ttg.convert_layout" not in ttgir, "a layout conversion crept into the Gluon backward"
-    assert ttgir.count("tt.reduce") >= 10  # the kernel is really there: the N- and channel-reductions of both passes
+    # the kernel is really there: per direction, the sums over the state (y, dx, dΔ), over the chunk's tokens (dD,
+    # d dt_bias) and the shared-memory channel sums (dB, dC)
+    assert ttgir.count("tt.reduce") >= 14
+    assert ttgir.count("ttg.local_load") >= 8  # B / C rows and the dB / dC tiles, both directions
     assert len(kernel.asm["cubin"]) > 10_000
 
 

@@ -1,38 +1,39 @@
 """Forward and backward of the `fast` bidirectional selective scan in Gluon (Triton's explicit-layout dialect), CUDA
 only.
 
-Same algorithms, arguments, grids and outputs as `bimamba_fwd_kernel` / `bimamba_bwd_kernel` in
-`visionmamba.ops._fast_kernels`. What differs is that every tile has a layout chosen here instead of by the compiler,
-all of them slices of ONE 3-D layout over (T, BLOCK_E, N) with the chunk axis T in each thread:
+Same maths, inputs and outputs as `bimamba_fwd_kernel` / `bimamba_bwd_kernel` in `visionmamba.ops._fast_kernels`.
+Every register tile has a layout chosen here instead of by the compiler, all of them slices of ONE 3-D layout over
+(T, BLOCK_E, N), with the chunk axis T in each thread and each thread owning whole states (N_L = 1) or half of them
+(N_L = 2, backward only):
 
     L3 = blocked(size_per_thread [T, E_T, N / N_L], threads_per_warp [1, 32 / N_L, N_L], warps [1, num_warps, 1])
 
-Backward (phase 1: segment checkpoints; 2a: chunk-start states of a segment; 2b: its chunks in reverse, the forward
-recomputed inside the chunk, then the adjoint):
-- both recurrences (state forward, adjoint backward) run row by row in registers, one FMA per element and token, with
-  no scan combine and no shuffle (`_row` extracts a row for free);
-- per-token tiles (x, dt, z, g, dx, ...) are loaded and stored directly in SliceLayout(2, L3), per-token state-width
-  tiles (B, C, dB, dC) in SliceLayout(1, L3) and (channel, state) tiles (A, h, dA) in SliceLayout(0, L3), so
-  broadcasting them into L3 and reducing L3 tiles back to them is free: the kernel has no layout conversion;
-- the only cross-lane traffic left is the reductions themselves: over the N_L lanes that share a channel (y and the
-  two sums behind dx and dΔ) and over the lanes and warps that share a state (dB, dC);
-- phase 2b loads the next chunk's per-token tiles and entering state while the current chunk computes.
+so the recurrences run row by row in registers (one FMA per state element and token, no scan combine, no shuffle:
+`_row` extracts a row for free), the sums over the state (y = <h, C> and the two behind dx and dΔ) are in-thread, and
+softplus(dt + bias), the gating and every other per-(token, channel) term run once per channel instead of once per lane.
+The kernels have no layout conversion. B and C are the same for every channel: a program loads each (T, N) tile once in
+a compact layout and stages it through a double-buffered shared tile that every thread reads row by row as a broadcast
+(one barrier per chunk; chunk c computes while chunk c + 1's B and C go to shared memory and chunk c + 2's tiles are
+in flight).
 
-Forward (N_L = 1: each thread owns whole states, so y = <h, C> reduces in registers and softplus(dt + bias) is
-computed once per (token, channel), not once per lane): B and C are the same for every channel, so a program loads
-each (T, N) tile once in a compact layout and stages it through a double-buffered shared tile that every thread reads
-row by row as a broadcast (loaded per thread in the state layout they cost one global load per value per thread).
-One barrier per chunk; chunk c computes while chunk c + 1's B and C go to shared memory and chunk c + 2's tiles are in
-flight.
+Backward (per direction; with SPLIT the two directions run in separate programs): phase 1 stores the state entering
+every segment of SEG chunks (nothing to do when the sequence is one segment); per segment, from the last, 2a walks
+forward storing the state entering each chunk into per-program scratch, and 2b takes the chunks in reverse: the states
+again (keeping h_t and a_t), then the adjoint dh_t = gy_t C_t + a_{t+1} dh_{t+1} row by row. dB and dC are sums over
+channels: each thread stores its rows' terms to shared memory (16-byte stores) and the program reads them back in
+`reduce_layout`, summing mostly in-thread.
 
-Why: compiled offline for sm_90 (triton 3.6), the Triton backward's chunk loop takes ~58 SASS instructions per state
+Why: compiled offline for sm_90 (triton 3.6), the Triton backward's chunk loop took ~58 SASS instructions per state
 element, 25 of them shuffles (the compiler spreads N over 4-16 lanes, converts every per-token tile between its load
-layout and the state layout, and lowers the reverse `associative_scan` to shuffles although T is in-thread); this
-backward's loop: 4.5 shuffles per element. The Triton forward: 12.8 / 14.2 instructions per element (first / second
-pass), this one 10.1 / 12.7 with the MUFU exponentials (one per element) as the floor. Measured (B 128, L 197, bf16):
-backward 1.28 / 2.47 ms at E 384 / 768 against 1.60 / 3.13 ms (H200); forward 0.159 / 0.297 ms against 0.208 /
-0.403 ms (H100). Gluon is not run by Triton's CPU interpreter: the CPU tests run the Triton kernels and check that these
-compile for sm_90 without layout conversions; the GPU tests check both sets against the reference.
+layout and the state layout, and lowers the reverse `associative_scan` to shuffles although T is in-thread). The
+previous Gluon backward (4 lanes per state, 2 channels per thread) took ~67 per element over phases 2a and 2b, a third
+of them per-(token, channel) work repeated on every lane and cross-lane sums; this one ~36 (N_L 1) or ~49 (N_L 2),
+with up to 2x the resident warps at N_L 2. Measured (H200, B 128, L 197, bf16, backward launch): 0.92 / 1.65 ms at
+E 384 / 768 against 1.17 / 2.26 ms for the previous Gluon backward and 1.60 / 3.13 ms for the Triton one; at B 32, L
+6085, E 384: 7.6 against 13.6 ms. The forward's loop: 9.1 / 11.1 instructions per element (first / second pass) against
+12.8 / 14.2 for the Triton forward, with one MUFU exponential per element (~8.5) as the floor; 0.159 / 0.297 ms against
+0.208 / 0.403 ms (H100). Gluon is not run by Triton's CPU interpreter: the CPU tests run the Triton kernels and compile
+these for sm_90 (checking for layout conversions); the GPU tests check both sets against the reference.
 """
 from __future__ import annotations
 
@@ -88,52 +89,29 @@ def _tile(ptr, b_off, t, s_l, cols, mask):
 
 
 @gluon.jit
-def _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl,
-            e_te, e_mask_te, n_tn, T: gl.constexpr, LTE: gl.constexpr, LTN: gl.constexpr, REVERSE: gl.constexpr):
-    """x, dt (T, BLOCK_E) in LTE and B, C (T, N) in LTN of chunk c, as fp32."""
-    t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-    t_tn, v_tn = _rows(c, L, T, gl.SliceLayout(1, LTN), REVERSE)
-    m_te = v_te[:, None] & e_mask_te[None, :]
-    return (_tile(x_ptr, b64 * s_xb, t_te, s_xl, e_te, m_te), _tile(dt_ptr, b64 * s_dtb, t_te, s_dtl, e_te, m_te),
-            _tile(b_ptr, b64 * s_bb, t_tn, s_bl, n_tn, v_tn[:, None]),
-            _tile(c_ptr, b64 * s_cb, t_tn, s_cl, n_tn, v_tn[:, None]))
+def _bc_chunk(b_ptr, c_ptr, c, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T: gl.constexpr, LBC: gl.constexpr,
+              REVERSE: gl.constexpr):
+    """B and C (T, N) of chunk c in the compact layout LBC (each value loaded by one thread), as fp32."""
+    t, v = _rows(c, L, T, gl.SliceLayout(1, LBC), REVERSE)
+    return _tile(b_ptr, b64 * s_bb, t, s_bl, n_bc, v[:, None]), _tile(c_ptr, b64 * s_cb, t, s_cl, n_bc, v[:, None])
+
+
+@gluon.jit
+def _xdt_chunk(x_ptr, dt_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T: gl.constexpr,
+               LTE: gl.constexpr, REVERSE: gl.constexpr):
+    """x and dt (T, BLOCK_E) of chunk c in LTE, as fp32."""
+    t, v = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
+    m = v[:, None] & e_mask_te[None, :]
+    return _tile(x_ptr, b64 * s_xb, t, s_xl, e_te, m), _tile(dt_ptr, b64 * s_dtb, t, s_dtl, e_te, m)
 
 
 @gluon.jit
 def _row(rows3, x3, i: gl.constexpr):
     """Row i of a (T, BLOCK_E, N) tile as (BLOCK_E, N). T lives in each thread and `rows3` is a compile-time constant
-    per register, so the select and the adds of -0.0 fold away: a register rename, no instruction."""
-    return gl.sum(gl.where(rows3 == i, x3, -0.0), axis=0)
-
-
-@gluon.jit
-def _states(x, dt, Bm, bias, A2, m_te, h, rows3, T: gl.constexpr):
-    """Δ, e^-|dt + bias| (for its sigmoid), a = exp(Δ A), Δ x, b = Δ x B, the states h_t of one chunk entered with
-    state h, and the state leaving it.
-    The recurrence runs row by row in registers (one FMA per state element and token)."""
-    sp, w = _softplus(dt + bias[None, :])
-    delta = gl.where(m_te, sp, 0.0)
-    a = gl.exp2(delta[:, :, None] * A2[None, :, :])
-    dx_ = delta * x
-    bx = dx_[:, :, None] * Bm[:, None, :]
-    hs = bx
-    for i in gl.static_range(T):
-        h = _row(rows3, a, i) * h + _row(rows3, bx, i)
-        hs = gl.where(rows3 == i, h[None, :, :], hs)
-    return delta, w, a, dx_, bx, hs, h
-
-
-@gluon.jit
-def _advance(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te,
-             n_tn, x, dt, Bm, bias, A2, h, rows3, T: gl.constexpr, L3: gl.constexpr, REVERSE: gl.constexpr):
-    """Phases 1 and 2a: the state leaving chunk c (its x, dt, B already loaded) and chunk c + 1's x, dt, B, loaded
-    while chunk c computes."""
-    t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, gl.SliceLayout(2, L3)), REVERSE)
-    m_te = v_te[:, None] & e_mask_te[None, :]
-    nx, ndt, nB, nC = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
-                              s_cl, e_te, e_mask_te, n_tn, T, gl.SliceLayout(2, L3), gl.SliceLayout(1, L3), REVERSE)
-    delta, w, a, dx_, bx, hs, h = _states(x, dt, Bm, bias, A2, m_te, h, rows3, T)
-    return h, nx, ndt, nB
+    per register, so the select and the adds of -0.0 fold away: a register rename, no instruction. (-0.0 as a tensor:
+    a Python -0.0 becomes +0.0 in `where`, since Triton builds constants equal to 0 as the null value, and x + 0.0
+    does not fold.)"""
+    return gl.sum(gl.where(rows3 == i, x3, gl.zeros_like(x3) * -1.0), axis=0)
 
 
 @gluon.jit
@@ -208,8 +186,8 @@ def _fwd_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, c, L, b64, s_xb, s_
                 LBC: gl.constexpr, REVERSE: gl.constexpr, FIRST: gl.constexpr):
     """Chunk c's x, dt (T, BLOCK_E) in LTE and B, C (T, N) in the compact LBC, as fp32; for the second pass also z
     and the first pass's y (written by this program before the barrier between the passes), else x twice (unused)."""
-    x, dt, Bm, Cm = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl,
-                            e_te, e_mask_te, n_bc, T, LTE, LBC, REVERSE)
+    x, dt = _xdt_chunk(x_ptr, dt_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE, REVERSE)
+    Bm, Cm = _bc_chunk(b_ptr, c_ptr, c, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
     if FIRST:
         z = x
         prev = x
@@ -261,8 +239,7 @@ def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j, c, L, E, b64, s_
     LTE: gl.constexpr = gl.SliceLayout(2, L3)
     t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
     m_te = v_te[:, None] & e_mask_te[None, :]
-    x = _tile(x_ptr, b64 * s_xb, t_te, s_xl, e_te, m_te)
-    dt = _tile(dt_ptr, b64 * s_dtb, t_te, s_dtl, e_te, m_te)
+    x, dt = _xdt_chunk(x_ptr, dt_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE, REVERSE)
     z = _tile(z_ptr, b64 * s_zb, t_te, s_zl, e_te, m_te)
     g = _tile(g_ptr, b64 * s_gb, t_te, s_gl, e_te, m_te)
     if FIRST:
@@ -277,25 +254,64 @@ def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j, c, L, E, b64, s_
 
 
 @gluon.jit
+def _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c_begin, count, every, st_base, st_stride, st_mask, bias, A2, b_smem, L,
+          b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc, rows3,
+          T: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr, REVERSE: gl.constexpr):
+    """Phases 1 and 2a: the state through chunks c_begin .. c_begin + count - 1, storing the state entering every
+    `every`-th of them (at st_base + k * st_stride) and the state leaving the last at the next slot. Same pipeline as
+    the forward: B rows from a double-buffered shared tile, one barrier per chunk, loads two chunks ahead."""
+    LTE: gl.constexpr = gl.SliceLayout(2, L3)
+    LEN: gl.constexpr = gl.SliceLayout(0, L3)
+    cx, cdt = _xdt_chunk(x_ptr, dt_ptr, c_begin, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE, REVERSE)
+    cB, _ = _bc_chunk(b_ptr, c_ptr, c_begin, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
+    _cta_barrier()  # the shared tile's previous readers are done
+    b_smem.index(0).store(cB)
+    nx, ndt = _xdt_chunk(x_ptr, dt_ptr, c_begin + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE,
+                         REVERSE)
+    nB, _ = _bc_chunk(b_ptr, c_ptr, c_begin + 1, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
+    for j in range(0, count):
+        c = c_begin + j
+        if j % every == 0:
+            gl.store(st_base + (j // every) * st_stride, h, mask=st_mask)
+        _cta_barrier()
+        b_smem.index(1 - j % 2).store(nB)
+        b_buf = b_smem.index(j % 2)
+        x, dt = cx, cdt
+        cx, cdt = nx, ndt
+        nx, ndt = _xdt_chunk(x_ptr, dt_ptr, c + 2, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE,
+                             REVERSE)
+        nB, _ = _bc_chunk(b_ptr, c_ptr, c + 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
+        t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
+        delta = gl.where(v_te[:, None] & e_mask_te[None, :], _softplus(dt + bias[None, :])[0], 0.0)
+        delta3 = delta[:, :, None]
+        dx3 = (delta * x)[:, :, None]
+        for i in gl.static_range(T):
+            h = gl.exp2(_row(rows3, delta3, i) * A2) * h + _row(rows3, dx3, i) * b_buf.slice(i, 1).load(LEN)
+    gl.store(st_base + gl.cdiv(count, every) * st_stride, h, mask=st_mask)
+    return h
+
+
+@gluon.jit
 def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
-              dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr, scr_ptr,
-              pid_b, pid_e, B, L, E,
-              s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_gb, s_gl,
-              REVERSE: gl.constexpr, FIRST: gl.constexpr,
-              T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr,
-              L3: gl.constexpr):
+                   dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr, scr_ptr,
+                   b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                   s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_gb, s_gl,
+                   REVERSE: gl.constexpr, FIRST: gl.constexpr, T: gl.constexpr, BLOCK_E: gl.constexpr,
+                   N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr,
+                   RL: gl.constexpr):
+    """One direction of the backward (the module docstring has the phases)."""
     LTE: gl.constexpr = gl.SliceLayout(2, L3)  # (T, BLOCK_E)
-    LTN: gl.constexpr = gl.SliceLayout(1, L3)  # (T, N)
     LEN: gl.constexpr = gl.SliceLayout(0, L3)  # (BLOCK_E, N)
+    LRN: gl.constexpr = gl.SliceLayout(1, RL)  # (T, N): the reduced dB / dC rows
     e_te = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(0, LTE))
     e_mask_te = e_te < E
-    n_tn = gl.arange(0, N, layout=gl.SliceLayout(0, LTN))
     e_en = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(1, LEN))
     n_en = gl.arange(0, N, layout=gl.SliceLayout(0, LEN))
     en_mask = (e_en < E)[:, None] & (n_en < N)[None, :]
+    n_bc = gl.arange(0, N, layout=gl.SliceLayout(0, LBC))
+    n_rn = gl.arange(0, N, layout=gl.SliceLayout(0, LRN))
     rows3 = gl.arange(0, T, layout=gl.SliceLayout(1, LTE))[:, None, None]
-    A = gl.load(a_ptr + e_en[:, None] * N + n_en[None, :], mask=en_mask, other=0.0)
-    A2 = A * 1.4426950408889634
+    A2 = gl.load(a_ptr + e_en[:, None] * N + n_en[None, :], mask=en_mask, other=0.0) * 1.4426950408889634
     Dv = gl.load(d_ptr + e_te, mask=e_mask_te, other=0.0)
     bias = gl.load(bias_ptr + e_te, mask=e_mask_te, other=0.0)
     b64 = pid_b.to(gl.int64)
@@ -311,21 +327,16 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
     else:
         part_base = (pid_e * B + b64) * L * N
 
-    # ---- phase 1: the state entering every segment ----
+    # phase 1: the state entering every segment (checkpoints; nothing to do when the sequence is one segment)
     h = gl.zeros((BLOCK_E, N), gl.float32, LEN)
-    gl.store(ck_base, h, mask=en_mask)
-    nx, ndt, nB, _ = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, 0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
-                              s_cl, e_te, e_mask_te, n_tn, T, gl.SliceLayout(2, L3), gl.SliceLayout(1, L3), REVERSE)
-    for s in range(0, n_seg - 1):
-        for j in range(0, SEG):
-            c = s * SEG + j
-            h, nx, ndt, nB = _advance(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
-                                      s_cb, s_cl, e_te, e_mask_te, n_tn, nx, ndt, nB, bias, A2, h, rows3, T, L3,
-                                      REVERSE)
-        gl.store(ck_base + (s + 1) * E * N, h, mask=en_mask)
+    if n_seg > 1:
+        h = _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, 0, (n_seg - 1) * SEG, SEG, ck_base, E * N, en_mask, bias, A2,
+                  b_smem, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc, rows3,
+                  T, L3, LBC, REVERSE)
+    else:
+        gl.store(ck_base, h, mask=en_mask)
 
-    # ---- phase 2: segments in reverse order ----
-    u = gl.zeros((BLOCK_E, N), gl.float32, LEN)  # a_{t+1} dh_{t+1} entering the chunk from the right
+    u = gl.zeros((BLOCK_E, N), gl.float32, LEN)  # a_{t+1} dh_{t+1} entering a chunk from the right
     dA_acc = gl.zeros((BLOCK_E, N), gl.float32, LEN)
     dD_acc = gl.zeros((BLOCK_E,), gl.float32, gl.SliceLayout(0, LTE))
     dbias_acc = gl.zeros((BLOCK_E,), gl.float32, gl.SliceLayout(0, LTE))
@@ -333,74 +344,118 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
         s = n_seg - 1 - ss
         c0 = s * SEG
         nj = gl.minimum(n_chunks - c0, SEG)
-        _cta_barrier()  # the previous segment's reads of the scratch slots are done
-        # 2a: forward through the segment, keeping the state entering each chunk
+        # 2a: the state entering each chunk of the segment, into this program's scratch slots (each thread reads
+        # back only what it wrote: no barrier)
         h = gl.load(ck_base + s * E * N, mask=en_mask, other=0.0)
-        nx, ndt, nB, _ = _inputs(x_ptr, dt_ptr, b_ptr, c_ptr, c0, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
-                                  s_cb, s_cl, e_te, e_mask_te, n_tn, T, gl.SliceLayout(2, L3), gl.SliceLayout(1, L3), REVERSE)
-        for j in range(0, nj - 1):
-            gl.store(scr_base + j * BLOCK_E * N, h)
-            c = c0 + j
-            h, nx, ndt, nB = _advance(x_ptr, dt_ptr, b_ptr, c_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl,
-                                      s_cb, s_cl, e_te, e_mask_te, n_tn, nx, ndt, nB, bias, A2, h, rows3, T, L3,
-                                      REVERSE)
-        gl.store(scr_base + (nj - 1) * BLOCK_E * N, h)
-        _cta_barrier()
-        # 2b: the segment's chunks in reverse order; the next chunk's per-token tiles and entering state are loaded
-        # while this one computes
+        h = _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c0, nj - 1, 1, scr_base, BLOCK_E * N, en_mask | True, bias, A2,
+                  b_smem, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc, rows3,
+                  T, L3, LBC, REVERSE)
+        # 2b: the chunks in reverse; per-token tiles one chunk ahead, B and C two chunks ahead (staged like the forward)
         px, pdt, pz, pg, pprev, ph0 = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, nj - 1, c0 + nj - 1,
                                                 L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl,
                                                 e_te, e_mask_te, T, BLOCK_E, N, L3, REVERSE, FIRST)
+        cB, cC = _bc_chunk(b_ptr, c_ptr, c0 + nj - 1, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
+        _cta_barrier()  # the walk's last reads of the shared tile are done
+        b_smem.index(0).store(cB)
+        c_smem.index(0).store(cC)
+        nB, nC = _bc_chunk(b_ptr, c_ptr, c0 + nj - 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
         for jj in range(0, nj):
             j = nj - 1 - jj
             c = c0 + j
             t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-            t_tn, v_tn = _rows(c, L, T, gl.SliceLayout(1, LTN), REVERSE)
             m_te = v_te[:, None] & e_mask_te[None, :]
+            # chunk c's B and C (stored last iteration) are visible, every thread is done with the buffer chunk c - 1's
+            # overwrite now, and with last iteration's reduction tiles
+            _cta_barrier()
+            b_smem.index(1 - jj % 2).store(nB)
+            c_smem.index(1 - jj % 2).store(nC)
+            b_buf = b_smem.index(jj % 2)
+            c_buf = c_smem.index(jj % 2)
             x, dt, z, g, prev, h0 = px, pdt, pz, pg, pprev, ph0
             px, pdt, pz, pg, pprev, ph0 = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j - 1, c - 1,
                                                     L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl,
                                                     e_te, e_mask_te, T, BLOCK_E, N, L3, REVERSE, FIRST)
-            Bm = _tile(b_ptr, b64 * s_bb, t_tn, s_bl, n_tn, v_tn[:, None])
-            Cm = _tile(c_ptr, b64 * s_cb, t_tn, s_cl, n_tn, v_tn[:, None])
-            off_o = b64 * L * E + t_te[:, None] * E + e_te[None, :]  # contiguous (B, L, E) gradient buffers
+            nB, nC = _bc_chunk(b_ptr, c_ptr, c - 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
+            sp, w = _softplus(dt + bias[None, :])
+            delta = gl.where(m_te, sp, 0.0)
+            dx_ = delta * x
             sz = _sigmoid(z)
             gy = g * (z * sz) * 0.5
-            delta, w, a, dx_, bx, hs, h_out = _states(x, dt, Bm, bias, A2, m_te, h0, rows3, T)
-            y = gl.sum(hs * Cm[:, None, :], axis=2) + Dv[None, :] * x
-            dCo = gl.sum(hs * gy[:, :, None], axis=1)  # (T, N)
-            ha = hs - bx  # a_t h_{t-1}
-            # adjoint, row by row from the chunk's end: dh_t = gy_t C_t + u, then u = a_t dh_t
-            cg = gy[:, :, None] * Cm[:, None, :]
-            dh = cg
-            for k in gl.static_range(T):
-                dh_k = _row(rows3, cg, T - 1 - k) + u
-                u = _row(rows3, a, T - 1 - k) * dh_k
-                dh = gl.where(rows3 == T - 1 - k, dh_k[None, :, :], dh)
-            q = dh * ha
-            dA_acc += gl.sum(delta[:, :, None] * q, axis=0)
-            s2 = gl.sum(q * A[None, :, :], axis=2)
-            s1 = gl.sum(dh * Bm[:, None, :], axis=2)
-            dBo = gl.sum(dh * dx_[:, :, None], axis=1)  # (T, N)
-            ddelta = x * s1 + s2
+            delta3 = delta[:, :, None]  # (T, BLOCK_E, 1)
+            dx3 = dx_[:, :, None]
+            gy3 = gy[:, :, None]
+            # the chunk's states again, row by row, keeping h_t and a_t for the adjoint; y_t = <h_t, C_t>
+            h = h0
+            hs = gl.zeros((T, BLOCK_E, N), gl.float32, L3)
+            As = gl.zeros((T, BLOCK_E, N), gl.float32, L3)
+            y3 = gl.zeros((T, BLOCK_E, 1), gl.float32, L3)
+            for i in gl.static_range(T):
+                a_i = gl.exp2(_row(rows3, delta3, i) * A2)
+                h = a_i * h + _row(rows3, dx3, i) * b_buf.slice(i, 1).load(LEN)
+                hs = gl.where(rows3 == i, h[None, :, :], hs)
+                As = gl.where(rows3 == i, a_i[None, :, :], As)
+                y3 = gl.where(rows3 == i, gl.sum(h * c_buf.slice(i, 1).load(LEN), axis=1, keep_dims=True)[None, :, :],
+                              y3)
+            # adjoint from the chunk's end: dh_t = gy_t C_t + u, u = a_t dh_t; the dB / dC terms of each row go to
+            # shared memory, reduced over the channels below
+            s1_3 = gl.zeros((T, BLOCK_E, 1), gl.float32, L3)
+            s2_3 = gl.zeros((T, BLOCK_E, 1), gl.float32, L3)
+            for i in gl.static_range(T - 1, -1, -1):
+                gy_i = _row(rows3, gy3, i)  # (BLOCK_E, 1)
+                h_i = _row(rows3, hs, i)
+                dh = gy_i * c_buf.slice(i, 1).load(LEN) + u
+                rc_smem.slice(i, 1).store((gy_i * h_i)[None, :, :])
+                rb_smem.slice(i, 1).store((_row(rows3, dx3, i) * dh)[None, :, :])
+                u = _row(rows3, As, i) * dh
+                # q = dh_t a_t h_{t-1}: the terms of dA (times Δ) and of dΔ (times A)
+                if i > 0:
+                    q = u * _row(rows3, hs, i - 1)
+                else:
+                    q = u * h0
+                dA_acc += _row(rows3, delta3, i) * q
+                s2_3 = gl.where(rows3 == i, gl.sum(q * A2, axis=1, keep_dims=True)[None, :, :], s2_3)
+                s1_3 = gl.where(rows3 == i, gl.sum(dh * b_buf.slice(i, 1).load(LEN), axis=1, keep_dims=True)[None, :, :],
+                                s1_3)
+            y = gl.sum(y3, axis=2) + Dv[None, :] * x
+            s1 = gl.sum(s1_3, axis=2)
+            ddelta = x * s1 + gl.sum(s2_3, axis=2) * 0.6931471805599453  # s2 summed q A log2(e)
             dxo = delta * s1 + gy * Dv[None, :]
             ddt = gl.where(m_te, ddelta * _sigmoid_w(dt + bias[None, :], w), 0.0)
             dbias_acc += gl.sum(ddt, axis=0)
             dD_acc += gl.sum(gy * x, axis=0)
             dzp = g * 0.5 * y * (sz * (1.0 + z * (1.0 - sz)))
+            off_o = b64 * L * E + t_te[:, None] * E + e_te[None, :]  # contiguous (B, L, E) gradient buffers
             gl.store(dx_ptr + off_o, dxo.to(dx_ptr.dtype.element_ty), mask=m_te)
             gl.store(ddt_ptr + off_o, ddt.to(ddt_ptr.dtype.element_ty), mask=m_te)
             gl.store(dz_ptr + off_o, (prev + dzp).to(dz_ptr.dtype.element_ty), mask=m_te)
-            off_bn = part_base + t_tn[:, None] * N + n_tn[None, :]
+            _cta_barrier()  # every row's dB / dC terms are in shared memory
+            dBo = gl.sum(rb_smem.load(RL), axis=1)  # (T, N): the channel sum, in-thread then over a few lanes
+            dCo = gl.sum(rc_smem.load(RL), axis=1)
+            t_rn, v_rn = _rows(c, L, T, gl.SliceLayout(1, LRN), REVERSE)
+            off_bn = part_base + t_rn[:, None] * N + n_rn[None, :]
             if ATOMIC:
-                gl.atomic_add(dB_ptr + off_bn, dBo, mask=v_tn[:, None], sem="relaxed")
-                gl.atomic_add(dC_ptr + off_bn, dCo, mask=v_tn[:, None], sem="relaxed")
+                gl.atomic_add(dB_ptr + off_bn, dBo, mask=v_rn[:, None], sem="relaxed")
+                gl.atomic_add(dC_ptr + off_bn, dCo, mask=v_rn[:, None], sem="relaxed")
             else:
-                gl.store(dB_ptr + off_bn, dBo, mask=v_tn[:, None])
-                gl.store(dC_ptr + off_bn, dCo, mask=v_tn[:, None])
+                gl.store(dB_ptr + off_bn, dBo, mask=v_rn[:, None])
+                gl.store(dC_ptr + off_bn, dCo, mask=v_rn[:, None])
     gl.store(dA_ptr + b64 * E * N + e_en[:, None] * N + n_en[None, :], dA_acc, mask=en_mask)
     gl.store(dD_ptr + b64 * E + e_te, dD_acc, mask=e_mask_te)
     gl.store(dbias_ptr + b64 * E + e_te, dbias_acc, mask=e_mask_te)
+
+
+def reduce_layout(T: int, N: int, block_e: int, num_warps: int) -> gl.BlockedLayout:
+    """Layout in which the (T, BLOCK_E, N) dB / dC terms are read back from shared memory for the channel sum: 4
+    states per thread (one 16-byte load), (token, state group) positions over lanes and warps first, the channels
+    left over lanes and in each thread, so the sum is mostly in-thread adds."""
+    v = min(4, N)
+    tw_n = min(N // v, 32)
+    tw_t = min(T, 32 // tw_n)
+    tw_e = 32 // (tw_n * tw_t)
+    wt = min(num_warps, T // tw_t)
+    we = num_warps // wt
+    return gl.BlockedLayout(size_per_thread=[1, 1, v], threads_per_warp=[tw_t, tw_e, tw_n],
+                            warps_per_cta=[wt, we, 1], order=[2, 1, 0])
 
 
 @gluon.jit
@@ -414,27 +469,57 @@ def bimamba_bwd_gluon_kernel(
         ck_ptr, scr_ptr, B, L, E,
         s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl,
         s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl,
-        s_zb, s_zl, s_gb, s_gl,
+        s_zb, s_zl, s_gb, s_gl, dzb_ptr,
         T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr,
-        E_T: gl.constexpr, N_L: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """`bimamba_bwd_kernel`'s contract (buffers, grid); BLOCK_E must equal E_T * (32 // N_L) * NUM_WARPS."""
-    gl.static_assert(BLOCK_E == E_T * (32 // N_L) * NUM_WARPS)
-    L3: gl.constexpr = gl.BlockedLayout(size_per_thread=[T, E_T, N // N_L], threads_per_warp=[1, 32 // N_L, N_L],
+        N_L: gl.constexpr, NUM_WARPS: gl.constexpr, RL: gl.constexpr, SPLIT: gl.constexpr):
+    """`bimamba_bwd_kernel`'s contract (buffers, grid), plus: with SPLIT the grid has a third axis of 2 and the two
+    directions run in separate programs (twice the programs, half as long: fewer idle SMs in the last wave); the reverse
+    direction then writes its dz terms to dzb_ptr (the caller adds them) and uses the second half of the checkpoint
+    and scratch buffers. Without SPLIT one program runs both directions, the second adding to the first's dz.
+    BLOCK_E = (32 // N_L) * NUM_WARPS; RL = `reduce_layout(T, N, BLOCK_E, NUM_WARPS)`."""
+    gl.static_assert(BLOCK_E == (32 // N_L) * NUM_WARPS)
+    gl.static_assert(N <= 32)
+    L3: gl.constexpr = gl.BlockedLayout(size_per_thread=[T, 1, N // N_L], threads_per_warp=[1, 32 // N_L, N_L],
                                         warps_per_cta=[1, NUM_WARPS, 1], order=[2, 1, 0])
+    LBC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32 // N, N],
+                                         warps_per_cta=[NUM_WARPS, 1], order=[1, 0])
+    SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    RED: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=4, order=[2, 1, 0])
+    b_smem = gl.allocate_shared_memory(gl.float32, [2, T, N], SMEM)
+    c_smem = gl.allocate_shared_memory(gl.float32, [2, T, N], SMEM)
+    rb_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, N], RED)
+    rc_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, N], RED)
     if ATOMIC:
         pid_b = gl.program_id(0)
         pid_e = gl.program_id(1)
     else:
         pid_e = gl.program_id(0)
         pid_b = gl.program_id(1)
-    _bwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
-              dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
-              pid_b, pid_e, B, L, E,
-              s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
-              False, True, T, BLOCK_E, N, SEG, ATOMIC, L3)
-    _cta_barrier()
-    _bwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
-              dxb_ptr, ddtb_ptr, dz_ptr, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_ptr, scr_ptr,
-              pid_b, pid_e, B, L, E,
-              s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
-              True, False, T, BLOCK_E, N, SEG, ATOMIC, L3)
+    if SPLIT:
+        n_chunks = gl.cdiv(L, T)
+        ck_b = ck_ptr + B * gl.cdiv(n_chunks, SEG) * E * N
+        scr_b = scr_ptr + B * gl.cdiv(E, BLOCK_E) * gl.minimum(n_chunks, SEG) * BLOCK_E * N
+        if gl.program_id(2) == 0:
+            _bwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
+                           dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
+                           b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                           s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
+                           False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+        else:
+            _bwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
+                           dxb_ptr, ddtb_ptr, dzb_ptr, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_b, scr_b,
+                           b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                           s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
+                           True, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+    else:
+        _bwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
+                       dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
+                       b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                       s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
+                       False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+        _cta_barrier()
+        _bwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
+                       dxb_ptr, ddtb_ptr, dz_ptr, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_ptr, scr_ptr,
+                       b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                       s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
+                       True, False, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)

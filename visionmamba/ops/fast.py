@@ -56,9 +56,11 @@ __all__ = [
 # 1.92 / 3.70, T 2 / 16 / seg 128: 1.74 / 3.32, T 4 / 32 / 2 warps: 1.85 / 3.56, num_stages 2: slower; a
 # token-sequential design (one token per iteration, no associative scan) measured 0.53 ms forward and 2.5 ms backward
 # and was dropped). Convs: forward 0.06 / 0.11 ms, forward+backward 0.67 / 0.84 ms against 1.33 / 2.50 ms for the
-# F.conv1d path with its transposes and pads. Gluon backward (H200, E 384 / 768): T 4 / E_T 2 / N_L 4 / 1 warp 1.28 /
-# 2.47 ms (T 4 / 1 / 2: 1.29 / 2.51, T 2 / 1 / 2: 1.40 / 2.73, T 4 / 1 / 4: 1.71 / 3.37, 2 warps: 1.91 / 3.76; without
-# the 2b prefetch 1.93 / 3.80). Gluon forward (H100, E 384 / 768): T 4 / E_T 1 / 1-2 warps 0.159-0.163 / 0.297-0.314
+# F.conv1d path with its transposes and pads. Gluon backward (H200, E 384 / 768 / B 32 x L 6085 x E 384), T 2, 1 warp,
+# seg 128, split directions: N_L 2 with maxnreg 168 0.92 / 1.72 / 7.6 ms, N_L 1 0.96 / 1.65 / 9.8 ms (N_L 2: no register
+# cap 1.09 / 2.08, maxnreg 128 0.95 / 1.77, 2 warps 1.12 / 1.92, T 4 1.36 / 2.66; N_L 1 without split 1.09 / 1.65 /
+# 15.1, seg 64 1.07 / 1.83, maxnreg 168 1.20 / 2.21, T 4 1.37 / 1.97); the previous Gluon backward (4 lanes per state,
+# 2 channels per thread) 1.17 / 2.26 / 13.6. Gluon forward (H100, E 384 / 768): T 4 / E_T 1 / 1-2 warps 0.159-0.163 / 0.297-0.314
 # ms against the Triton forward's 0.208 / 0.403 (T 2: 0.175 / 0.331, T 8: 0.165 / 0.321, E_T 2: 0.232 / 0.312); at
 # B 64 0.116 vs 0.109 ms and at B 32, L 6085 3.5 vs 2.4 ms (too few programs), hence its min_programs.
 # ``min_programs``: the forward halves
@@ -68,9 +70,10 @@ CONFIG = {
     "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True, min_programs=1024)],
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
     # the Gluon backward (explicit layouts; `_fast_gluon`), used on CUDA unless this list is empty (then, and in
-    # the CPU interpreter, which cannot run Gluon, "bwd" applies): E_T channels per thread, N_L lanes over the
-    # state; BLOCK_E = E_T * (32 // N_L) * num_warps
-    "bwd_gluon": [dict(max_e=1 << 30, T=4, E_T=2, N_L=4, num_warps=1, seg=64)],
+    # the CPU interpreter, which cannot run Gluon, or for d_state > 32, "bwd" applies): N_L lanes over the state
+    # (BLOCK_E = 32 // N_L * num_warps), split: the two directions in separate programs
+    "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split=True, maxnreg=168),
+                  dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split=True)],
     # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps);
     # used on CUDA unless this list is empty; num_warps, then E_T, halve until batch * channel blocks reaches
     # min_programs, and below that (small batches of long sequences) the Triton "fwd" runs
@@ -231,20 +234,23 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     b, L, E = x_f.shape
     N = A_f.shape[1]
     dev = x_f.device
-    use_gluon = (bool(CONFIG.get("bwd_gluon")) and dev.type == "cuda" and not _interpreting()
+    use_gluon = (bool(CONFIG.get("bwd_gluon")) and dev.type == "cuda" and not _interpreting() and N <= 32
                  and N % _config("bwd_gluon", E)["N_L"] == 0)
     if use_gluon:
         from . import _fast_gluon as G
 
         cfg = _config("bwd_gluon", E)
-        BE = cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"]
+        BE = (32 // cfg["N_L"]) * cfg["num_warps"]
         kernel = G.bimamba_bwd_gluon_kernel
-        variant = dict(E_T=cfg["E_T"], N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"])
+        split = bool(cfg.get("split", False))
+        variant = dict(N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"], SPLIT=split,
+                       RL=G.reduce_layout(cfg["T"], N, BE, cfg["num_warps"]))
     else:
         cfg = _config("bwd", E)
         BE = cfg["BLOCK_E"]
         kernel = K.bimamba_bwd_kernel
         variant = dict(NUM_STAGES=cfg.get("num_stages", 1))
+        split = False
     T, SEG = cfg["T"], cfg.get("seg", 16)
     n_chunks = triton_cdiv(L, T)
     n_seg = max(triton_cdiv(n_chunks, SEG), 1)
@@ -265,14 +271,21 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
         for t in grads:
             t.zero_()
     else:
-        ck = torch.empty((b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
+        # with split directions (separate programs) each direction has its own checkpoints and scratch, and the
+        # reverse one its own dz terms, added below
+        n_dir = 2 if split else 1
+        ck = torch.empty((n_dir * b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
         # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the
         # (B, L, E, N) state tensor when the whole sequence is one segment (L <= SEG * T)
-        scr = torch.empty((b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
-        kernel[(b, n_eb) if atomic else (n_eb, b)](
+        scr = torch.empty((n_dir * b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
+        extra = {"dzb_ptr": torch.empty_like(dz) if split else dz} if use_gluon else {}
+        grid = (b, n_eb) if atomic else (n_eb, b)
+        kernel[grid + ((2,) if split else ())](
             x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
             b, L, E, *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g), T=T, BLOCK_E=BE, N=N,
-            SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"], **variant, **_register_cap(cfg))
+            SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"], **extra, **variant, **_register_cap(cfg))
+        if split:
+            dz += extra["dzb_ptr"]
     if not atomic:
         dB_f, dC_f, dB_b, dC_b = (t.sum(0) for t in (dB_f, dC_f, dB_b, dC_b))
     like = [t.dtype for t in inputs]

@@ -58,9 +58,11 @@ __all__ = [
 # and was dropped). Convs: forward 0.06 / 0.11 ms, forward+backward 0.67 / 0.84 ms against 1.33 / 2.50 ms for the
 # F.conv1d path with its transposes and pads. Gluon backward (H200, E 384 / 768 / B 32 x L 6085 x E 384), T 2, 1 warp,
 # seg 128, split directions: N_L 2 with maxnreg 168 0.92 / 1.72 / 7.6 ms, N_L 1 0.96 / 1.65 / 9.8 ms (N_L 2: no register
-# cap 1.09 / 2.08, maxnreg 128 0.95 / 1.77, 2 warps 1.12 / 1.92, T 4 1.36 / 2.66; N_L 1 without split 1.09 / 1.65 /
-# 15.1, seg 64 1.07 / 1.83, maxnreg 168 1.20 / 2.21, T 4 1.37 / 1.97); the previous Gluon backward (4 lanes per state,
-# 2 channels per thread) 1.17 / 2.26 / 13.6. Gluon forward (H100, E 384 / 768): T 4 / E_T 1 / 1-2 warps 0.159-0.163 / 0.297-0.314
+# cap 1.09 / 2.08, maxnreg 128 0.95 / 1.77, 2 warps 1.12 / 1.92, T 4 1.36 / 2.66, seg 64 1.02 / 1.92, seg 32 1.04 /
+# 1.99, not split 0.92 / 1.74; N_L 1 not split 1.09 / 1.65 / 15.1, seg 64 1.07 / 1.83, maxnreg 168 1.20 / 2.21, T 4
+# 1.37 / 1.97); the previous Gluon backward (4 lanes per state, 2 channels per thread) 1.17 / 2.26 / 13.6. Split at
+# batch 128 raised shufflemamba_tiny's training peak above the stock path's (4.54 vs 4.32 GiB of activations; small
+# 8.93 vs 8.41), hence split_below. Gluon forward (H100, E 384 / 768): T 4 / E_T 1 / 1-2 warps 0.159-0.163 / 0.297-0.314
 # ms against the Triton forward's 0.208 / 0.403 (T 2: 0.175 / 0.331, T 8: 0.165 / 0.321, E_T 2: 0.232 / 0.312); at
 # B 64 0.116 vs 0.109 ms and at B 32, L 6085 3.5 vs 2.4 ms (too few programs), hence its min_programs.
 # ``min_programs``: the forward halves
@@ -71,9 +73,12 @@ CONFIG = {
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
     # the Gluon backward (explicit layouts; `_fast_gluon`), used on CUDA unless this list is empty (then, and in
     # the CPU interpreter, which cannot run Gluon, or for d_state > 32, "bwd" applies): N_L lanes over the state
-    # (BLOCK_E = 32 // N_L * num_warps), split: the two directions in separate programs
-    "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split=True, maxnreg=168),
-                  dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split=True)],
+    # (BLOCK_E = 32 // N_L * num_warps); the two directions run in separate programs when batch * channel blocks is
+    # below split_below (or as ``split`` says): twice the programs for small batches, but twice the scratch (the
+    # states entering each chunk: B * E * L / T * N fp32 per direction in flight), which at batch 128 would put the
+    # training step's peak memory above the stock path's
+    "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split_below=2048, maxnreg=168),
+                  dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048)],
     # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps);
     # used on CUDA unless this list is empty; num_warps, then E_T, halve until batch * channel blocks reaches
     # min_programs, and below that (small batches of long sequences) the Triton "fwd" runs
@@ -242,7 +247,7 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
         cfg = _config("bwd_gluon", E)
         BE = (32 // cfg["N_L"]) * cfg["num_warps"]
         kernel = G.bimamba_bwd_gluon_kernel
-        split = bool(cfg.get("split", False))
+        split = bool(cfg["split"]) if "split" in cfg else b * triton_cdiv(E, BE) < cfg.get("split_below", 0)
         variant = dict(N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"], SPLIT=split,
                        RL=G.reduce_layout(cfg["T"], N, BE, cfg["num_warps"]))
     else:

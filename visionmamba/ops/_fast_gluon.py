@@ -347,6 +347,7 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
         # 2a: the state entering each chunk of the segment, into this program's scratch slots (each thread reads
         # back only what it wrote: no barrier)
         h = gl.load(ck_base + s * E * N, mask=en_mask, other=0.0)
+        # the scratch stores are unmasked (en_mask | True): 2b loads every slot, padding channels included (zeros)
         h = _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c0, nj - 1, 1, scr_base, BLOCK_E * N, en_mask | True, bias, A2,
                   b_smem, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc, rows3,
                   T, L3, LBC, REVERSE)
@@ -495,31 +496,27 @@ def bimamba_bwd_gluon_kernel(
     else:
         pid_e = gl.program_id(0)
         pid_b = gl.program_id(1)
-    if SPLIT:
+    ck_rev, scr_rev, dz_rev = ck_ptr, scr_ptr, dz_ptr
+    run_fwd = True
+    run_rev = True
+    if SPLIT:  # one direction per program; the reverse one has its own checkpoints, scratch and dz terms
         n_chunks = gl.cdiv(L, T)
-        ck_b = ck_ptr + B * gl.cdiv(n_chunks, SEG) * E * N
-        scr_b = scr_ptr + B * gl.cdiv(E, BLOCK_E) * gl.minimum(n_chunks, SEG) * BLOCK_E * N
-        if gl.program_id(2) == 0:
-            _bwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
-                           dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
-                           b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
-                           s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
-                           False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
-        else:
-            _bwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
-                           dxb_ptr, ddtb_ptr, dzb_ptr, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_b, scr_b,
-                           b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
-                           s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
-                           True, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
-    else:
+        ck_rev = ck_ptr + B * gl.cdiv(n_chunks, SEG) * E * N
+        scr_rev = scr_ptr + B * gl.cdiv(E, BLOCK_E) * gl.minimum(n_chunks, SEG) * BLOCK_E * N
+        dz_rev = dzb_ptr
+        run_fwd = gl.program_id(2) == 0
+        run_rev = gl.program_id(2) == 1
+    if run_fwd:
         _bwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
-                       dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
-                       b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
-                       s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
-                       False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
-        _cta_barrier()
+                  dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
+                  b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                  s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
+                  False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+    if not SPLIT:
+        _cta_barrier()  # the reverse pass adds to the forward pass's dz and reuses its shared tiles
+    if run_rev:
         _bwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
-                       dxb_ptr, ddtb_ptr, dz_ptr, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_ptr, scr_ptr,
-                       b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
-                       s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
-                       True, False, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+                  dxb_ptr, ddtb_ptr, dz_rev, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_rev, scr_rev,
+                  b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                  s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
+                  True, SPLIT, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)

@@ -231,6 +231,36 @@ def _gluon_fwd_config(device: torch.device, b: int, E: int, N: int) -> Optional[
 
 def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     """Backward Triton launch: the 15 input gradients, in `bimamba_scan` order, each in its input's dtype."""
+    return _unpack_grads(_bwd_launch(grad, *inputs), inputs)
+
+
+# The backward op's outputs, packed: dx_f, ddt_f, dx_b, ddt_b, dz (B, L, E) in their inputs' dtypes; dBC (4, B, L, N)
+# fp32 = dB_f, dC_f, dB_b, dC_b; dpar (2, E * N + 2 E) fp32 = [dA | dD | d dt_bias] per direction. Two buffers for the
+# eleven fp32 sums (a custom op's outputs must not alias one another): one zero fill each, and the slicing and the
+# casts to the inputs' dtypes happen outside the op, where torch.compile fuses them into the gradients' consumers.
+def _pack_grads(grads: Sequence[Tensor]) -> list[Tensor]:
+    """15 gradients in `bimamba_scan` order -> the packed layout (the CPU reference path's)."""
+    dx_f, ddt_f, dA_f, dB_f, dC_f, dD_f, dbias_f, dx_b, ddt_b, dA_b, dB_b, dC_b, dD_b, dbias_b, dz = grads
+    dBC = torch.stack([dB_f, dC_f, dB_b, dC_b]).float()
+    dpar = torch.stack([torch.cat([dA_f.flatten(), dD_f, dbias_f]), torch.cat([dA_b.flatten(), dD_b, dbias_b])])
+    return [dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar.float()]
+
+
+def _unpack_grads(packed: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+    """The packed layout -> 15 gradients in `bimamba_scan` order, each in its input's dtype (views where it is)."""
+    dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar = packed
+    E, N = inputs[2].shape
+    out = []
+    for d, (dx, ddt) in enumerate(((dx_f, ddt_f), (dx_b, ddt_b))):
+        A, B, C, D, bias = (inputs[7 * d + i] for i in (2, 3, 4, 5, 6))
+        dA, dD, dbias = dpar[d].split([E * N, E, E])
+        out += [dx, ddt, dA.view(E, N).to(A.dtype), dBC[2 * d].to(B.dtype), dBC[2 * d + 1].to(C.dtype),
+                dD.to(D.dtype), dbias.to(bias.dtype)]
+    return out + [dz]
+
+
+def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
+    """Backward Triton launch: the gradients in the packed layout (`_pack_grads`)."""
     from . import _fast_kernels as K
 
     _check(inputs)
@@ -262,42 +292,36 @@ def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     n_eb = triton_cdiv(E, BE)
     dx_f, ddt_f, dx_b, ddt_b = (torch.empty((b, L, E), dtype=t.dtype, device=dev) for t in (x_f, dt_f, x_b, dt_b))
     dz = torch.empty((b, L, E), dtype=z.dtype, device=dev)
-    # dB / dC reduce over channels: per-channel-block partials summed below (deterministic), or relaxed fp32 atomics
-    # when there are many channel blocks; dA, dD, d dt_bias: per-batch-row partials summed below. Separate buffers:
-    # the op's outputs must not alias one another.
+    # dB / dC reduce over channels: relaxed fp32 atomics into dBC when there are many channel blocks, else
+    # per-channel-block partials summed into it below (deterministic); dA, dD, d dt_bias: atomics into dpar
     atomic = bool(cfg.get("atomic", n_eb > 16))
-    part = (b, L, N) if atomic else (n_eb, b, L, N)
-    dB_f, dC_f, dB_b, dC_b = ((torch.zeros if atomic else torch.empty)(part, dtype=torch.float32, device=dev)
-                              for _ in range(4))
-    dA_f, dA_b = (torch.empty((b, E, N), dtype=torch.float32, device=dev) for _ in range(2))
-    dD_f, dbias_f, dD_b, dbias_b = (torch.empty((b, E), dtype=torch.float32, device=dev) for _ in range(4))
-    grads = [dx_f, ddt_f, dx_b, ddt_b, dz, dB_f, dC_f, dB_b, dC_b, dA_f, dD_f, dbias_f, dA_b, dD_b, dbias_b]
+    dBC = torch.zeros((4, b, L, N), dtype=torch.float32, device=dev)
+    dpar = torch.zeros((2, E * N + 2 * E), dtype=torch.float32, device=dev)
+    bc = dBC if atomic else torch.empty((4, n_eb, b, L, N), dtype=torch.float32, device=dev)
     if b * L * E == 0:
-        for t in grads:
+        for t in (dx_f, ddt_f, dx_b, ddt_b, dz):
             t.zero_()
-    else:
-        # with split directions (separate programs) each direction has its own checkpoints and scratch, and the
-        # reverse one its own dz terms, added below
-        n_dir = 2 if split else 1
-        ck = torch.empty((n_dir * b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
-        # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the
-        # (B, L, E, N) state tensor when the whole sequence is one segment (L <= SEG * T)
-        scr = torch.empty((n_dir * b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
-        extra = {"dzb_ptr": torch.empty_like(dz) if split else dz} if use_gluon else {}
-        grid = (b, n_eb) if atomic else (n_eb, b)
-        kernel[grid + ((2,) if split else ())](
-            x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g, *grads, ck, scr,
-            b, L, E, *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g), T=T, BLOCK_E=BE, N=N,
-            SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"], **extra, **variant, **_register_cap(cfg))
-        if split:
-            dz += extra["dzb_ptr"]
+        return [dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar]
+    # with split directions (separate programs) each direction has its own checkpoints and scratch, and the
+    # reverse one its own dz terms, added below
+    n_dir = 2 if split else 1
+    ck = torch.empty((n_dir * b, n_seg, E, N), dtype=torch.float32, device=dev)  # state entering each segment
+    # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the
+    # (B, L, E, N) state tensor when the whole sequence is one segment (L <= SEG * T)
+    scr = torch.empty((n_dir * b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
+    extra = {"dzb_ptr": torch.empty_like(dz) if split else dz} if use_gluon else {}
+    grid = (b, n_eb) if atomic else (n_eb, b)
+    par = [t.view(-1) for d in range(2) for t in dpar[d].split([E * N, E, E])]  # dA, dD, dbias per direction
+    kernel[grid + ((2,) if split else ())](
+        x_f, dt_f, B_f, C_f, A_f, D_f, bias_f, x_b, dt_b, B_b, C_b, A_b, D_b, bias_b, z, g,
+        dx_f, ddt_f, dx_b, ddt_b, dz, *bc, *par, ck, scr,
+        b, L, E, *_strides(x_f, dt_f, B_f, C_f, x_b, dt_b, B_b, C_b, z, g), T=T, BLOCK_E=BE, N=N,
+        SEG=SEG, ATOMIC=atomic, num_warps=cfg["num_warps"], **extra, **variant, **_register_cap(cfg))
+    if split:
+        dz += extra["dzb_ptr"]
     if not atomic:
-        dB_f, dC_f, dB_b, dC_b = (t.sum(0) for t in (dB_f, dC_f, dB_b, dC_b))
-    like = [t.dtype for t in inputs]
-    return [dx_f, ddt_f, dA_f.sum(0).to(like[2]), dB_f.to(like[3]), dC_f.to(like[4]),
-            dD_f.sum(0).to(like[5]), dbias_f.sum(0).to(like[6]),
-            dx_b, ddt_b, dA_b.sum(0).to(like[9]), dB_b.to(like[10]), dC_b.to(like[11]),
-            dD_b.sum(0).to(like[12]), dbias_b.sum(0).to(like[13]), dz]
+        torch.sum(bc, dim=1, out=dBC)
+    return [dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar]
 
 
 def _register_cap(cfg: dict) -> dict:
@@ -395,6 +419,29 @@ def conv_fwd_triton(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tenso
 def conv_bwd_triton(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
                     b_b: Tensor) -> list[Tensor]:
     """Backward Triton launch of `bimamba_conv`: [dx, dw_f, db_f, dw_b, db_b], each in its input's dtype."""
+    return _unpack_conv_grads(_conv_bwd_launch(g_f, g_b, x, w_f, b_f, w_b, b_b), (w_f, b_f, w_b, b_b))
+
+
+# The conv backward op's outputs, packed: dx (B, L, E) in x's dtype and dpar (2, E * W + E) fp32 = [dw (E, W) | db]
+# per direction (one buffer, one zero fill; slices and casts outside the op, as for the scan's `_pack_grads`).
+def _pack_conv_grads(grads: Sequence[Tensor]) -> list[Tensor]:
+    dx, dw_f, db_f, dw_b, db_b = grads
+    return [dx, torch.stack([torch.cat([dw_f.flatten(), db_f]), torch.cat([dw_b.flatten(), db_b])]).float()]
+
+
+def _unpack_conv_grads(packed: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    dx, dpar = packed
+    E, W = params[0].shape
+    out = [dx]
+    for d in range(2):
+        dw, db = dpar[d].split([E * W, E])
+        out += [dw.view(E, W).to(params[2 * d].dtype), db.to(params[2 * d + 1].dtype)]
+    return out
+
+
+def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
+                     b_b: Tensor) -> list[Tensor]:
+    """Backward Triton launch of `bimamba_conv`: the packed [dx, dpar] (`_pack_conv_grads`)."""
     from . import _fast_kernels as K
 
     _check_conv(x, w_f, b_f, w_b, b_b)
@@ -406,26 +453,20 @@ def conv_bwd_triton(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tenso
     cfg = _config("conv_bwd", E)
     n_eb = triton_cdiv(E, cfg["BLOCK_E"])
     dx = torch.empty((b, L, E), dtype=x.dtype, device=x.device)
-    # per-batch-row partials, summed below (deterministic)
-    dw = torch.zeros((b, 2, W_P2, E), dtype=torch.float32, device=x.device)
-    db = torch.zeros((b, 2, E), dtype=torch.float32, device=x.device)
+    dpar = torch.zeros((2, E * W + E), dtype=torch.float32, device=x.device)
     if dx.numel() > 0:
-        # two launches: gp = g * SiLU'(pre) of both directions (fp32, with dw/db), then dx from shifted gp rows
-        gp = torch.empty((2, b, L, E), dtype=torch.float32, device=x.device)
+        # two launches: gp = g * SiLU'(pre) of both directions (with dw/db), then dx from shifted gp rows
+        gp_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        gp = torch.empty((2, b, L, E), dtype=gp_dtype, device=x.device)
         w_f32, w_b32 = _param(w_f), _param(w_b)
         K.bimamba_conv_bwd_gp_kernel[(n_eb, b)](
-            x, w_f32, _param(b_f), w_b32, _param(b_b), g_f, g_b, gp, dw, db, L, E, x.stride(0), x.stride(1),
+            x, w_f32, _param(b_f), w_b32, _param(b_b), g_f, g_b, gp, dpar, L, E, x.stride(0), x.stride(1),
             W=W, W_P2=W_P2, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
         dcfg = _config("conv_fwd", E)
         K.bimamba_conv_bwd_dx_kernel[(triton_cdiv(L, dcfg["BLOCK_T"]), triton_cdiv(E, dcfg["BLOCK_E"]), b)](
             gp, w_f32, w_b32, dx, b, L, E, W=W, BLOCK_T=dcfg["BLOCK_T"], BLOCK_E=dcfg["BLOCK_E"],
             num_warps=dcfg["num_warps"])
-    dw = dw.sum(0)[:, :W].transpose(1, 2)  # (2, E, W)
-    db = db.sum(0)  # (2, E)
-    # separate, contiguous tensors: the op's outputs must not alias one another, and their strides must be the fake
-    # kernel's (torch.compile asserts them)
-    own = lambda t, like: t.to(like.dtype, memory_format=torch.contiguous_format, copy=True)  # noqa: E731
-    return [dx, own(dw[0], w_f), own(db[0], b_f), own(dw[1], w_b), own(db[1], b_b)]
+    return [dx, dpar]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,14 +495,16 @@ def _bimamba_scan_bwd_op(grad: Tensor, x_f: Tensor, dt_f: Tensor, A_f: Tensor, B
                          C_b: Tensor, D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> list[Tensor]:
     inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
     if uses_triton(x_f.device):
-        return bwd_triton(grad, *inputs)
-    return _reference_backward(grad, inputs)
+        return _bwd_launch(grad, *inputs)
+    return _pack_grads(_reference_backward(grad, inputs))
 
 
 @_bimamba_scan_bwd_op.register_fake
 def _(grad, x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z):
-    inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs]
+    (b, L, _), (E, N) = x_f.shape, A_f.shape
+    like = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x_f, dt_f, x_b, dt_b, z)]
+    return like + [x_f.new_empty((4, b, L, N), dtype=torch.float32),
+                   x_f.new_empty((2, E * N + 2 * E), dtype=torch.float32)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -472,7 +515,7 @@ def _backward(ctx, grad):
     inputs = ctx.saved_tensors
     if grad is None:
         grad = torch.zeros(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
-    grads = torch.ops.visionmamba.bimamba_scan_bwd(grad, *inputs)
+    grads = _unpack_grads(torch.ops.visionmamba.bimamba_scan_bwd(grad, *inputs), inputs)
     return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
 
 
@@ -504,20 +547,22 @@ def _(x, w_f, b_f, w_b, b_b):
 def _bimamba_conv_bwd_op(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
                          b_b: Tensor) -> list[Tensor]:
     if uses_triton(x.device):
-        return conv_bwd_triton(g_f, g_b, x, w_f, b_f, w_b, b_b)
-    return _vjp_reference(bimamba_conv_reference, (g_f, g_b), (x, w_f, b_f, w_b, b_b))
+        return _conv_bwd_launch(g_f, g_b, x, w_f, b_f, w_b, b_b)
+    return _pack_conv_grads(_vjp_reference(bimamba_conv_reference, (g_f, g_b), (x, w_f, b_f, w_b, b_b)))
 
 
 @_bimamba_conv_bwd_op.register_fake
 def _(g_f, g_b, x, w_f, b_f, w_b, b_b):
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, w_f, b_f, w_b, b_b)]
+    E, W = w_f.shape
+    return [torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty((2, E * W + E), dtype=torch.float32)]
 
 
 def _conv_backward(ctx, g_f, g_b):
     x, w_f, b_f, w_b, b_b = ctx.saved_tensors
     g_f = torch.zeros_like(x) if g_f is None else g_f
     g_b = torch.zeros_like(x) if g_b is None else g_b
-    grads = torch.ops.visionmamba.bimamba_conv_bwd(g_f, g_b, x, w_f, b_f, w_b, b_b)
+    grads = _unpack_conv_grads(torch.ops.visionmamba.bimamba_conv_bwd(g_f, g_b, x, w_f, b_f, w_b, b_b),
+                               (w_f, b_f, w_b, b_b))
     return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
 
 

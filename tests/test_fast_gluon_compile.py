@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 triton = pytest.importorskip("triton")
 
 B, L, E, N, R = 128, 197, 384, 16, 24  # shufflemamba_tiny at 224 px: E = 2 * 192, dt_rank 12 -> x_dbl width 56
-FP32_ARGS = ("Af", "Ab", "Df", "Db", "bias", "dA", "dD", "dbias", "ck", "scr", "dB", "dC")
+FP32_ARGS = ("Af", "Ab", "Df", "Db", "bias", "dA", "dD", "dbias", "ck", "scr", "dB", "dC", "wf", "wb", "bf_", "bb_",
+             "dpar")
 
 
 def _ptxas_available() -> bool:
@@ -34,7 +35,8 @@ def _compile_sm90(fn, consts: dict, num_warps: int, maxnreg=None):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    ints = dict(B=B, L=L, E=E, s_zb=L * 2 * E, s_zl=2 * E, s_gb=L * E, s_gl=E, s_ob=L * E, s_ol=E)
+    ints = dict(B=B, L=L, E=E, s_zb=L * 2 * E, s_zl=2 * E, s_gb=L * E, s_gl=E, s_ob=L * E, s_ol=E,
+                s_xb=L * 2 * E, s_xl=2 * E, ROWS=66)  # the conv reads x as a view of the in_proj output
     for d in ("f", "b"):
         ints.update({f"s_x{d}b": L * E, f"s_x{d}l": E, f"s_dt{d}b": L * E, f"s_dt{d}l": E,
                      f"s_B{d}b": L * (R + 2 * N), f"s_B{d}l": R + 2 * N, f"s_C{d}b": L * (R + 2 * N),
@@ -94,6 +96,34 @@ def test_gluon_forward_compiles_for_sm90_with_whole_states_per_thread():
     assert ttgir.count("ttg.local_alloc") >= 2 and "ttg.local_load" in ttgir
     # each thread owns whole states, so y = <h, C> reduces in registers: no warp shuffle in the kernel
     assert "shfl" not in kernel.asm["ptx"]
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
+def test_gluon_convs_compile_for_sm90_with_rows_in_registers(monkeypatch):
+    """The conv forward and the one-launch conv backward: rows in each thread, so every shifted operand is a register (no shared memory,
+    no shuffle, no layout conversion) and the weight gradients leave as atomics (4 taps + bias, two directions).
+    Where it runs: CUDA with a non-empty configuration and widths up to 4, never in the interpreter."""
+    import torch
+
+    from visionmamba.ops import _fast_gluon as G
+    from visionmamba.ops import fast
+
+    cfg = fast._gluon_conv_config("conv_bwd_gluon", torch.device("cuda"), E, 4)
+    consts = dict(W=4, BLOCK_T=cfg["BLOCK_T"], VE=cfg["VE"], NUM_WARPS=cfg["num_warps"])
+    kernel = _compile_sm90(G.bimamba_conv_bwd_gluon_kernel, consts, cfg["num_warps"])
+    ttgir = kernel.asm["ttgir"]
+    assert "ttg.convert_layout" not in ttgir and "ttg.local_alloc" not in ttgir
+    assert "shfl" not in kernel.asm["ptx"]
+    assert ttgir.count("tt.atomic_rmw") == 10
+    assert fast._gluon_conv_config("conv_bwd_gluon", torch.device("cpu"), E, 4) is None
+    assert fast._gluon_conv_config("conv_bwd_gluon", torch.device("cuda"), E, 5) is None  # wider than the width-4 frame
+    fcfg = fast._gluon_conv_config("conv_fwd_gluon", torch.device("cuda"), E, 4)
+    fwd = _compile_sm90(G.bimamba_conv_fwd_gluon_kernel,
+                        dict(W=4, BLOCK_T=fcfg["BLOCK_T"], VE=fcfg["VE"], NUM_WARPS=fcfg["num_warps"]),
+                        fcfg["num_warps"])
+    assert "ttg.convert_layout" not in fwd.asm["ttgir"] and "ttg.local_alloc" not in fwd.asm["ttgir"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fast._gluon_conv_config("conv_bwd_gluon", torch.device("cuda"), E, 4) is None
 
 
 def test_gluon_forward_launch_selection(monkeypatch):

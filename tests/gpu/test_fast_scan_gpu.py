@@ -145,15 +145,22 @@ def test_fast_scan_torch_compile_fullgraph(check):
         check(a, r, "d" + name + "_compiled", torch.bfloat16, 65)
 
 
+CONV_CASES = [(L, 384, 4, "gluon") for L in SEQLENS] + [(197, 384, 4, "triton"), (197, 160, 3, "gluon"),
+                                                         (730, 160, 2, "triton"), (6085, 64, 4, "gluon")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("seqlen", SEQLENS)
-def test_fast_conv_matches_reference(seqlen, dtype):
-    """`bimamba_conv` (Triton) vs the F.conv1d reference in fp32: both outputs, dx, both weights and biases."""
-    E = 384
+@pytest.mark.parametrize("seqlen,E,W,kernel", CONV_CASES, ids=lambda v: str(v))
+def test_fast_conv_matches_reference(seqlen, E, W, kernel, dtype, monkeypatch):
+    """`bimamba_conv` vs the F.conv1d reference in fp32: both outputs, dx, both weights and biases; the backward as
+    the one-launch Gluon kernel (rows split over programs, partial channel blocks, narrower kernels) and as the
+    Triton pair."""
+    if kernel == "triton":
+        monkeypatch.setitem(fast.CONFIG, "conv_bwd_gluon", [])
     g = torch.Generator(device="cpu").manual_seed(seqlen)
     xz = torch.randn(4, seqlen, 2 * E, generator=g).to(DEV, dtype)
-    ins = [xz[..., :E], *(t.to(DEV) for t in (torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g),
-                                                torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g)))]
+    ins = [xz[..., :E], *(t.to(DEV) for t in (torch.randn(E, W, generator=g) * 0.5, torch.randn(E, generator=g),
+                                                torch.randn(E, W, generator=g) * 0.5, torch.randn(E, generator=g)))]
     gf, gb = (torch.randn(4, seqlen, E, generator=g).to(DEV, dtype) for _ in range(2))
     leaves = [t.detach().requires_grad_(True) for t in ins]
     outs = fast.bimamba_conv(*leaves)
@@ -269,6 +276,8 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
             return ((a.float() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
 
         for kind, cfg in (configs or []):
+            if kind == "conv_bwd_gluon":  # swept with the convs below
+                continue
             fast.CONFIG[kind] = [dict(cfg, max_e=1 << 30)]
             if kind in ("fwd", "bwd"):  # a Triton-kernel config: switch the Gluon kernel of that direction off
                 fast.CONFIG[kind + "_gluon"] = []
@@ -308,6 +317,18 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
             with torch.no_grad():
                 row[label + "_fwd_ms"] = _bench(fn)
             row[label + "_fwdbwd_ms"] = _bench(lambda fn=fn: torch.autograd.grad(fn(), [xz, *wts], gc))
+        # the conv backward launch alone: the one-launch Gluon kernel (default and swept configs), the Triton pair
+        conv_args = (gc[0], gc[1], xz.detach()[..., :E], *(w.detach() for w in wts))
+        conv_def = [t.float() for t in fast._conv_bwd_launch(*conv_args)]
+        row["conv_bwd_launch_ms"] = _bench(lambda: fast._conv_bwd_launch(*conv_args))
+        conv_sweep = {}
+        for kind, cfg in [("conv_bwd_gluon", None)] + [c for c in (configs or []) if c[0] == "conv_bwd_gluon"]:
+            fast.CONFIG["conv_bwd_gluon"] = [] if cfg is None else [dict(cfg, max_e=1 << 30)]
+            t = _bench(lambda: fast._conv_bwd_launch(*conv_args))
+            err = max(rel(a, r) for a, r in zip(fast._conv_bwd_launch(*conv_args), conv_def))
+            conv_sweep["triton pair" if cfg is None else str(cfg)] = f"{t:.3f} ms (max rel diff to default {err:.1e})"
+            fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
+        row["conv_bwd_sweep"] = conv_sweep
         results.append(row)
         torch.cuda.empty_cache()
     # table
@@ -325,6 +346,9 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
         lines.append(f"E={r['E']} convs+SiLU: fused fwd {r['conv_fast_fwd_ms']:.3f} / fwd+bwd {r['conv_fast_fwdbwd_ms']:.3f}"
                      f" ms; F.conv1d path {r['conv_torch_fwd_ms']:.3f} / {r['conv_torch_fwdbwd_ms']:.3f} ms")
     for r in results:
+        lines.append(f"E={r['E']} conv backward launch: {r['conv_bwd_launch_ms']:.3f} ms (default)")
+        for k, v in r["conv_bwd_sweep"].items():
+            lines.append(f"  E={r['E']} conv backward {k}: {v}")
         for k, v in r["sweep"].items():
             lines.append(f"  E={r['E']} {k}: {v}")
     text = "\n".join(lines)
@@ -345,6 +369,12 @@ if __name__ == "__main__" and "--bench" in sys.argv:
             if spec.startswith("fwd_gluon,"):  # fwd_gluon,T,E_T,warps
                 _, T, e_t, nw = spec.split(",")
                 sweep_cfgs.append(("fwd_gluon", dict(T=int(T), E_T=int(e_t), num_warps=int(nw))))
+                continue
+            if spec.startswith("conv_bwd_gluon,"):  # conv_bwd_gluon,BLOCK_T,VE,warps,min_programs:min_rows
+                _, bt, ve, nw, extra = spec.split(",")
+                mp, mr = extra.split(":")
+                sweep_cfgs.append(("conv_bwd_gluon", dict(BLOCK_T=int(bt), VE=int(ve), num_warps=int(nw),
+                                                          min_programs=int(mp), min_rows=int(mr))))
                 continue
             if spec.startswith("bwd_gluon,"):  # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split]]]
                 _, T, n_l, nw, extra = spec.split(",")

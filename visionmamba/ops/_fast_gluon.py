@@ -521,3 +521,203 @@ def bimamba_bwd_gluon_kernel(
                   b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
                   s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
                   True, SPLIT, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward of the bidirectional depthwise conv + SiLU (`visionmamba.ops.fast.bimamba_conv`) in one launch
+#
+#   pre_f[t] = b_f + sum_k w_f[k] x[t - D + k],  pre_b[t] = b_b + sum_k w_b[k] x[t + D - k]   (D = W - 1)
+#   gp_*[t] = g_*[t] SiLU'(pre_*[t]),  dx[s] = sum_k w_f[k] gp_f[s + D - k] + w_b[k] gp_b[s - D + k],
+#   dw_f[k] = sum_t gp_f[t] x[t - D + k],  dw_b[k] = sum_t gp_b[t] x[t + D - k],  db_* = sum_t gp_*[t]
+#
+# Taps are handled in a width-4 frame (a narrower kernel is the same conv with leading zero taps), so D = 3 below.
+# Each thread owns VE channels and walks ROWS rows of one batch row in time order, one row at a time: tiles of
+# BLOCK_T rows are loaded (the next one in flight while this one is processed) with the rows in each thread, so a row
+# is a register rename (`_row`), and the last 2D rows of x and gp stay in registers, so every value is computed once:
+# row tau gives gp at tau - D and dx at tau - 2D, and the weight-gradient sums are per-thread accumulators. The Triton
+# pair of kernels (`bimamba_conv_bwd_gp_kernel`, `bimamba_conv_bwd_dx_kernel`) instead re-read shifted rows from global
+# memory and round-trip gp through it. A program's first 4D rows are warm-up (computed with a zero history, masked
+# off); its weight-gradient sums go to dpar with relaxed fp32 atomics.
+# ----------------------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _sigmoid_ftz(v):
+    """1 / (1 + 2^(-v log2 e)) with the flush-to-zero MUFU approximations (two instructions and an FMA; `gl.exp` and
+    the division add denormal range checks per call, which in this per-element kernel cost more than the maths)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .f32 t; ex2.approx.ftz.f32 t, $1; add.ftz.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 $0, t; }",
+        "=f,f", [v * -1.4426950408889634], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _conv_tap(w_ptr, e, e_mask, k4: gl.constexpr, W: gl.constexpr):
+    """Tap k4 of the width-4 frame (tap k4 - (4 - W) of the real kernel; zero for the padding taps), fp32."""
+    if k4 >= 4 - W:
+        return gl.load(w_ptr + e * W + (k4 - (4 - W)), mask=e_mask, other=0.0)
+    else:
+        return gl.zeros_like(e).to(gl.float32)
+
+
+@gluon.jit
+def _conv_dw(dpar_ptr, acc, e, e_mask, k4: gl.constexpr, W: gl.constexpr):
+    """Add tap k4's weight-gradient sum (nothing for the padding taps)."""
+    if k4 >= 4 - W:
+        gl.atomic_add(dpar_ptr + e * W + (k4 - (4 - W)), acc, mask=e_mask, sem="relaxed")
+
+
+@gluon.jit
+def _conv_x_tile(x_ptr, tau, b64, L, s_xb, s_xl, e, em, BLOCK_T: gl.constexpr, LT: gl.constexpr):
+    """x rows [tau, tau + BLOCK_T), zero outside [0, L) (the conv's padding), in x's dtype."""
+    r = tau + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))
+    return gl.load(x_ptr + b64 * s_xb + r[:, None] * s_xl + e[None, :], mask=((r >= 0) & (r < L))[:, None] & em,
+                   other=0.0)
+
+
+@gluon.jit
+def _conv_tiles(x_ptr, gf_ptr, gb_ptr, tau, b64, L, E, s_xb, s_xl, e, em, BLOCK_T: gl.constexpr,
+                LT: gl.constexpr):
+    """x rows [tau, tau + BLOCK_T) and g_f, g_b rows [tau - 3, ...), zero outside [0, L), in the inputs' dtypes."""
+    xv = _conv_x_tile(x_ptr, tau, b64, L, s_xb, s_xl, e, em, BLOCK_T, LT)
+    t = tau + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT)) - 3
+    gm = ((t >= 0) & (t < L))[:, None] & em
+    off = b64 * L * E + t[:, None] * E + e[None, :]
+    return xv, gl.load(gf_ptr + off, mask=gm, other=0.0), gl.load(gb_ptr + off, mask=gm, other=0.0)
+
+
+@gluon.jit
+def bimamba_conv_bwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr, gb_ptr, dx_ptr, dpar_ptr,
+                                  L, E, s_xb, s_xl, ROWS,
+                                  W: gl.constexpr, BLOCK_T: gl.constexpr, VE: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Grid (channel blocks of VE * 32 * NUM_WARPS, batch, row splits of ROWS rows). x: (B, L, E) with unit stride
+    along E; g_f, g_b, dx: contiguous (B, L, E); w_*: (E, W) fp32; dpar: zeroed fp32 (2, E * W + E) = [dw (E, W) |
+    db] per direction, added to."""
+    D: gl.constexpr = 3
+    gl.static_assert(W <= 4)
+    BLOCK_E: gl.constexpr = VE * 32 * NUM_WARPS
+    LT: gl.constexpr = gl.BlockedLayout([BLOCK_T, VE], [1, 32], [1, NUM_WARPS], [1, 0])  # (rows, channels)
+    LE: gl.constexpr = gl.SliceLayout(0, LT)
+    e = gl.program_id(0) * BLOCK_E + gl.arange(0, BLOCK_E, layout=LE)
+    e_mask = e < E
+    em = e_mask[None, :]
+    b64 = gl.program_id(1).to(gl.int64)
+    s0 = gl.program_id(2) * ROWS
+    s1 = gl.minimum(s0 + ROWS, L)
+    wf0 = _conv_tap(wf_ptr, e, e_mask, 0, W)
+    wf1 = _conv_tap(wf_ptr, e, e_mask, 1, W)
+    wf2 = _conv_tap(wf_ptr, e, e_mask, 2, W)
+    wf3 = _conv_tap(wf_ptr, e, e_mask, 3, W)
+    wb0 = _conv_tap(wb_ptr, e, e_mask, 0, W)
+    wb1 = _conv_tap(wb_ptr, e, e_mask, 1, W)
+    wb2 = _conv_tap(wb_ptr, e, e_mask, 2, W)
+    wb3 = _conv_tap(wb_ptr, e, e_mask, 3, W)
+    bias_f = gl.load(bf_ptr + e, mask=e_mask, other=0.0)
+    bias_b = gl.load(bb_ptr + e, mask=e_mask, other=0.0)
+    rows2 = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))[:, None]
+    zero = gl.zeros((BLOCK_E,), gl.float32, LE)
+    # history (times before the current row): x at -1..-6, gp_f at -1..-3, gp_b at -1..-6 relative to the row's
+    # gp time; the weight-gradient accumulators
+    x1, x2, x3, x4, x5, x6 = zero, zero, zero, zero, zero, zero
+    f1, f2, f3 = zero, zero, zero
+    g1, g2, g3, g4, g5, g6 = zero, zero, zero, zero, zero, zero
+    dwf0, dwf1, dwf2, dwf3, dbf = zero, zero, zero, zero, zero
+    dwb0, dwb1, dwb2, dwb3, dbb = zero, zero, zero, zero, zero
+    tau0 = s0 - 2 * D
+    n_tiles = gl.cdiv(s1 - s0 + 4 * D, BLOCK_T)
+    nx, ngf, ngb = _conv_tiles(x_ptr, gf_ptr, gb_ptr, tau0, b64, L, E, s_xb, s_xl, e, em, BLOCK_T, LT)
+    dx_base = dx_ptr + b64 * L * E + e
+    for i in range(0, n_tiles):
+        tau = tau0 + i * BLOCK_T
+        xt = nx.to(gl.float32)
+        gft = ngf.to(gl.float32)
+        gbt = ngb.to(gl.float32)
+        # the next tile's loads in flight while this one is processed (past the end: masked, no traffic)
+        nx, ngf, ngb = _conv_tiles(x_ptr, gf_ptr, gb_ptr, tau + BLOCK_T, b64, L, E, s_xb, s_xl, e, em, BLOCK_T, LT)
+        for jj in gl.static_range(BLOCK_T):
+            x0 = _row(rows2, xt, jj)  # x[tau + jj]; this row's gp time t = tau + jj - D, dx time s = t - D
+            t = tau + jj - D
+            pf = bias_f + wf0 * x6 + wf1 * x5 + wf2 * x4 + wf3 * x3  # x[t - D + k]
+            pb = bias_b + wb0 * x0 + wb1 * x1 + wb2 * x2 + wb3 * x3  # x[t + D - k]
+            sf = _sigmoid_ftz(pf)
+            sb = _sigmoid_ftz(pb)
+            f0 = _row(rows2, gft, jj) * sf * (1.0 + pf * (1.0 - sf))  # gp_f[t]
+            g0 = _row(rows2, gbt, jj) * sb * (1.0 + pb * (1.0 - sb))  # gp_b[t]
+            own = (t >= s0) & (t < s1)  # this program's weight-gradient rows
+            af = gl.where(own, f0, 0.0)
+            ab = gl.where(own, g0, 0.0)
+            dwf0 += af * x6
+            dwf1 += af * x5
+            dwf2 += af * x4
+            dwf3 += af * x3
+            dbf += af
+            dwb0 += ab * x0
+            dwb1 += ab * x1
+            dwb2 += ab * x2
+            dwb3 += ab * x3
+            dbb += ab
+            # dx[s], s = t - D: gp_f[s + D - k] = gp_f[t - k], gp_b[s - D + k] = gp_b[t - 2D + k]
+            dx = (wf0 * f0 + wf1 * f1 + wf2 * f2 + wf3 * f3) + (wb0 * g6 + wb1 * g5 + wb2 * g4 + wb3 * g3)
+            s = t - D
+            gl.store(dx_base + s * E, dx.to(dx_ptr.dtype.element_ty), mask=e_mask & (s >= s0) & (s < s1))
+            x6, x5, x4, x3, x2, x1 = x5, x4, x3, x2, x1, x0
+            f3, f2, f1 = f2, f1, f0
+            g6, g5, g4, g3, g2, g1 = g5, g4, g3, g2, g1, g0
+    f_ptr = dpar_ptr
+    b_ptr = dpar_ptr + E * W + E
+    _conv_dw(f_ptr, dwf0, e, e_mask, 0, W)
+    _conv_dw(f_ptr, dwf1, e, e_mask, 1, W)
+    _conv_dw(f_ptr, dwf2, e, e_mask, 2, W)
+    _conv_dw(f_ptr, dwf3, e, e_mask, 3, W)
+    gl.atomic_add(f_ptr + E * W + e, dbf, mask=e_mask, sem="relaxed")
+    _conv_dw(b_ptr, dwb0, e, e_mask, 0, W)
+    _conv_dw(b_ptr, dwb1, e, e_mask, 1, W)
+    _conv_dw(b_ptr, dwb2, e, e_mask, 2, W)
+    _conv_dw(b_ptr, dwb3, e, e_mask, 3, W)
+    gl.atomic_add(b_ptr + E * W + e, dbb, mask=e_mask, sem="relaxed")
+
+
+@gluon.jit
+def bimamba_conv_fwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, L, E, s_xb, s_xl, ROWS,
+                                  W: gl.constexpr, BLOCK_T: gl.constexpr, VE: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Forward of `bimamba_conv` the same way (rows in each thread, the last 2D rows of x in registers): row tau gives
+    both outputs at tau - D. Grid and x as `bimamba_conv_bwd_gluon_kernel`'s; outputs contiguous (B, L, E)."""
+    D: gl.constexpr = 3
+    gl.static_assert(W <= 4)
+    BLOCK_E: gl.constexpr = VE * 32 * NUM_WARPS
+    LT: gl.constexpr = gl.BlockedLayout([BLOCK_T, VE], [1, 32], [1, NUM_WARPS], [1, 0])  # (rows, channels)
+    LE: gl.constexpr = gl.SliceLayout(0, LT)
+    e = gl.program_id(0) * BLOCK_E + gl.arange(0, BLOCK_E, layout=LE)
+    e_mask = e < E
+    em = e_mask[None, :]
+    b64 = gl.program_id(1).to(gl.int64)
+    s0 = gl.program_id(2) * ROWS
+    s1 = gl.minimum(s0 + ROWS, L)
+    wf0 = _conv_tap(wf_ptr, e, e_mask, 0, W)
+    wf1 = _conv_tap(wf_ptr, e, e_mask, 1, W)
+    wf2 = _conv_tap(wf_ptr, e, e_mask, 2, W)
+    wf3 = _conv_tap(wf_ptr, e, e_mask, 3, W)
+    wb0 = _conv_tap(wb_ptr, e, e_mask, 0, W)
+    wb1 = _conv_tap(wb_ptr, e, e_mask, 1, W)
+    wb2 = _conv_tap(wb_ptr, e, e_mask, 2, W)
+    wb3 = _conv_tap(wb_ptr, e, e_mask, 3, W)
+    bias_f = gl.load(bf_ptr + e, mask=e_mask, other=0.0)
+    bias_b = gl.load(bb_ptr + e, mask=e_mask, other=0.0)
+    rows2 = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))[:, None]
+    zero = gl.zeros((BLOCK_E,), gl.float32, LE)
+    x1, x2, x3, x4, x5, x6 = zero, zero, zero, zero, zero, zero  # x at 1..6 rows before the current one
+    tau0 = s0 - D  # one warm-up of D rows: the first output row's window starts at s0 - D
+    n_tiles = gl.cdiv(s1 - s0 + D, BLOCK_T)
+    nx = _conv_x_tile(x_ptr, tau0, b64, L, s_xb, s_xl, e, em, BLOCK_T, LT)
+    o_off = b64 * L * E + e
+    for i in range(0, n_tiles):
+        tau = tau0 + i * BLOCK_T
+        xt = nx.to(gl.float32)
+        nx = _conv_x_tile(x_ptr, tau + BLOCK_T, b64, L, s_xb, s_xl, e, em, BLOCK_T, LT)
+        for jj in gl.static_range(BLOCK_T):
+            x0 = _row(rows2, xt, jj)  # x[tau + jj]; outputs at t = tau + jj - D
+            pf = bias_f + wf0 * x6 + wf1 * x5 + wf2 * x4 + wf3 * x3  # x[t - D + k]
+            pb = bias_b + wb0 * x0 + wb1 * x1 + wb2 * x2 + wb3 * x3  # x[t + D - k]
+            t = tau + jj - D
+            m = e_mask & (t >= s0) & (t < s1)
+            gl.store(of_ptr + o_off + t * E, (pf * _sigmoid_ftz(pf)).to(of_ptr.dtype.element_ty), mask=m)
+            gl.store(ob_ptr + o_off + t * E, (pb * _sigmoid_ftz(pb)).to(ob_ptr.dtype.element_ty), mask=m)
+            x6, x5, x4, x3, x2, x1 = x5, x4, x3, x2, x1, x0

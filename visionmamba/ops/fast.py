@@ -88,6 +88,11 @@ CONFIG = {
     # backward step 1 (gp, dw, db): one program per (channel block, batch row) looping over row tiles; step 2 (dx)
     # uses the forward's tiling
     "conv_bwd": [dict(max_e=1 << 30, BLOCK_T=16, BLOCK_E=64, num_warps=2)],
+    # the Gluon convs (`_fast_gluon`; the backward in one launch), used on CUDA unless the list is empty: VE channels
+    # per thread (BLOCK_E = VE * 32 * num_warps), tiles of BLOCK_T rows; a batch row's rows are split over programs
+    # (at least min_rows each) until there are min_programs
+    "conv_fwd_gluon": [dict(max_e=1 << 30, BLOCK_T=4, VE=2, num_warps=1, min_programs=2048, min_rows=48)],
+    "conv_bwd_gluon": [dict(max_e=1 << 30, BLOCK_T=4, VE=2, num_warps=1, min_programs=2048, min_rows=48)],
 }
 
 
@@ -210,6 +215,25 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
         *args, T=cfg["T"], BLOCK_E=block_e, N=N, NUM_STAGES=cfg.get("num_stages", 1),
         PREFETCH=bool(cfg.get("prefetch", False)), num_warps=cfg["num_warps"], **_register_cap(cfg))
     return out
+
+
+def _gluon_conv_config(kind: str, device: torch.device, E: int, W: int) -> Optional[dict]:
+    """The Gluon conv kernels' launch configuration (``kind``: conv_fwd_gluon / conv_bwd_gluon), or None where the
+    Triton conv kernels run instead: off CUDA (the CPU interpreter cannot run Gluon), for conv widths above 4, or with
+    that ``CONFIG`` list empty."""
+    if not CONFIG.get(kind) or device.type != "cuda" or _interpreting() or W > 4:
+        return None
+    return _config(kind, E)
+
+
+def _gluon_conv_grid(cfg: dict, b: int, L: int, E: int) -> tuple[tuple[int, int, int], int]:
+    """Grid (channel blocks, batch, row splits) and rows per program of the Gluon conv kernels: a batch row's rows are
+    split over programs (at least min_rows each: every program starts with a few warm-up rows) until there are
+    min_programs."""
+    n_eb = triton_cdiv(E, cfg["VE"] * 32 * cfg["num_warps"])
+    n_split = max(1, min(triton_cdiv(L, cfg["min_rows"]), triton_cdiv(cfg["min_programs"], b * n_eb)))
+    rows = triton_cdiv(L, n_split)
+    return (n_eb, b, triton_cdiv(L, rows)), rows
 
 
 def _gluon_fwd_config(device: torch.device, b: int, E: int, N: int) -> Optional[dict]:
@@ -408,6 +432,17 @@ def conv_fwd_triton(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tenso
     out_f, out_b = (torch.empty((b, L, E), dtype=x.dtype, device=x.device) for _ in range(2))
     if out_f.numel() == 0:
         return out_f, out_b
+    W = w_f.shape[1]
+    gcfg = _gluon_conv_config("conv_fwd_gluon", x.device, E, W)
+    if gcfg is not None:
+        from . import _fast_gluon as G
+
+        grid, rows = _gluon_conv_grid(gcfg, b, L, E)
+        G.bimamba_conv_fwd_gluon_kernel[grid](
+            x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), out_f, out_b, L, E, x.stride(0), x.stride(1),
+            rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"], NUM_WARPS=gcfg["num_warps"],
+            num_warps=gcfg["num_warps"])
+        return out_f, out_b
     cfg = _config("conv_fwd", E)
     grid = (triton_cdiv(L, cfg["BLOCK_T"]), triton_cdiv(E, cfg["BLOCK_E"]), b)
     K.bimamba_conv_fwd_kernel[grid](x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), out_f, out_b, L, E,
@@ -449,17 +484,25 @@ def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tens
     g_f, g_b = g_f.contiguous(), g_b.contiguous()
     b, L, E = x.shape
     W = w_f.shape[1]
-    W_P2 = 1 << max(W - 1, 0).bit_length()
-    cfg = _config("conv_bwd", E)
-    n_eb = triton_cdiv(E, cfg["BLOCK_E"])
     dx = torch.empty((b, L, E), dtype=x.dtype, device=x.device)
     dpar = torch.zeros((2, E * W + E), dtype=torch.float32, device=x.device)
-    if dx.numel() > 0:
+    gcfg = _gluon_conv_config("conv_bwd_gluon", x.device, E, W)
+    if gcfg is not None and dx.numel() > 0:
+        from . import _fast_gluon as G
+
+        grid, rows = _gluon_conv_grid(gcfg, b, L, E)
+        G.bimamba_conv_bwd_gluon_kernel[grid](
+            x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), g_f, g_b, dx, dpar, L, E, x.stride(0),
+            x.stride(1), rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"], NUM_WARPS=gcfg["num_warps"],
+            num_warps=gcfg["num_warps"])
+    elif dx.numel() > 0:
         # two launches: gp = g * SiLU'(pre) of both directions (with dw/db), then dx from shifted gp rows
         gp_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
         gp = torch.empty((2, b, L, E), dtype=gp_dtype, device=x.device)
         w_f32, w_b32 = _param(w_f), _param(w_b)
-        K.bimamba_conv_bwd_gp_kernel[(n_eb, b)](
+        cfg = _config("conv_bwd", E)
+        W_P2 = 1 << max(W - 1, 0).bit_length()
+        K.bimamba_conv_bwd_gp_kernel[(triton_cdiv(E, cfg["BLOCK_E"]), b)](
             x, w_f32, _param(b_f), w_b32, _param(b_b), g_f, g_b, gp, dpar, L, E, x.stride(0), x.stride(1),
             W=W, W_P2=W_P2, BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
         dcfg = _config("conv_fwd", E)

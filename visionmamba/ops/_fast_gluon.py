@@ -550,6 +550,14 @@ def _sigmoid_ftz(v):
 
 
 @gluon.jit
+def _zeros6(BLOCK_E: gl.constexpr, layout: gl.constexpr):
+    """Six distinct (BLOCK_E,) fp32 zero tensors."""
+    return (gl.zeros((BLOCK_E,), gl.float32, layout), gl.zeros((BLOCK_E,), gl.float32, layout),
+            gl.zeros((BLOCK_E,), gl.float32, layout), gl.zeros((BLOCK_E,), gl.float32, layout),
+            gl.zeros((BLOCK_E,), gl.float32, layout), gl.zeros((BLOCK_E,), gl.float32, layout))
+
+
+@gluon.jit
 def _conv_tap(w_ptr, e, e_mask, k4: gl.constexpr, W: gl.constexpr):
     """Tap k4 of the width-4 frame (tap k4 - (4 - W) of the real kernel; zero for the padding taps), fp32."""
     if k4 >= 4 - W:
@@ -613,14 +621,14 @@ def bimamba_conv_bwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr,
     bias_f = gl.load(bf_ptr + e, mask=e_mask, other=0.0)
     bias_b = gl.load(bb_ptr + e, mask=e_mask, other=0.0)
     rows2 = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))[:, None]
-    zero = gl.zeros((BLOCK_E,), gl.float32, LE)
-    # history (times before the current row): x at -1..-6, gp_f at -1..-3, gp_b at -1..-6 relative to the row's
-    # gp time; the weight-gradient accumulators
-    x1, x2, x3, x4, x5, x6 = zero, zero, zero, zero, zero, zero
-    f1, f2, f3 = zero, zero, zero
-    g1, g2, g3, g4, g5, g6 = zero, zero, zero, zero, zero, zero
-    dwf0, dwf1, dwf2, dwf3, dbf = zero, zero, zero, zero, zero
-    dwb0, dwb1, dwb2, dwb3, dbb = zero, zero, zero, zero, zero
+    # history (times before the current row): x at 1..6 rows before the current one, gp_f / gp_b at 1..3 / 1..6
+    # rows before the row's gp time; the weight-gradient accumulators. Each its own zero tensor: the loop-carried
+    # values are those the loop body changes, and a rotation of one shared initial value looks unchanged
+    x1, x2, x3, x4, x5, x6 = _zeros6(BLOCK_E, LE)
+    f1, f2, f3, g1, g2, g3 = _zeros6(BLOCK_E, LE)
+    g4, g5, g6, dbf, dbb, dwf0 = _zeros6(BLOCK_E, LE)
+    dwf1, dwf2, dwf3, dwb0, dwb1, dwb2 = _zeros6(BLOCK_E, LE)
+    dwb3 = gl.zeros((BLOCK_E,), gl.float32, LE)
     tau0 = s0 - 2 * D
     n_tiles = gl.cdiv(s1 - s0 + 4 * D, BLOCK_T)
     nx, ngf, ngb = _conv_tiles(x_ptr, gf_ptr, gb_ptr, tau0, b64, L, E, s_xb, s_xl, e, em, BLOCK_T, LT)
@@ -702,8 +710,7 @@ def bimamba_conv_fwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr,
     bias_f = gl.load(bf_ptr + e, mask=e_mask, other=0.0)
     bias_b = gl.load(bb_ptr + e, mask=e_mask, other=0.0)
     rows2 = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))[:, None]
-    zero = gl.zeros((BLOCK_E,), gl.float32, LE)
-    x1, x2, x3, x4, x5, x6 = zero, zero, zero, zero, zero, zero  # x at 1..6 rows before the current one
+    x1, x2, x3, x4, x5, x6 = _zeros6(BLOCK_E, LE)  # x at 1..6 rows before the current one (distinct zeros: see above)
     tau0 = s0 - D  # one warm-up of D rows: the first output row's window starts at s0 - D
     n_tiles = gl.cdiv(s1 - s0 + D, BLOCK_T)
     nx = _conv_x_tile(x_ptr, tau0, b64, L, s_xb, s_xl, e, em, BLOCK_T, LT)

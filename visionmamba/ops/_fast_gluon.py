@@ -711,8 +711,8 @@ def bimamba_conv_fwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr,
     bias_b = gl.load(bb_ptr + e, mask=e_mask, other=0.0)
     rows2 = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))[:, None]
     x1, x2, x3, x4, x5, x6 = _zeros6(BLOCK_E, LE)  # x at 1..6 rows before the current one (distinct zeros: see above)
-    tau0 = s0 - D  # one warm-up of D rows: the first output row's window starts at s0 - D
-    n_tiles = gl.cdiv(s1 - s0 + D, BLOCK_T)
+    tau0 = s0 - D  # D warm-up rows: the first output row's window starts at s0 - D; the last ends at s1 - 1 + D
+    n_tiles = gl.cdiv(s1 - s0 + 2 * D, BLOCK_T)
     nx = _conv_x_tile(x_ptr, tau0, b64, L, s_xb, s_xl, e, em, BLOCK_T, LT)
     o_off = b64 * L * E + e
     for i in range(0, n_tiles):

@@ -92,7 +92,11 @@ CONFIG = {
     # per thread (BLOCK_E = VE * 32 * num_warps), tiles of BLOCK_T rows; a batch row's rows are split over programs
     # (at least min_rows each) until there are min_programs
     "conv_fwd_gluon": [dict(max_e=1 << 30, BLOCK_T=4, VE=2, num_warps=1, min_programs=2048, min_rows=48)],
-    "conv_bwd_gluon": [dict(max_e=1 << 30, BLOCK_T=4, VE=2, num_warps=1, min_programs=2048, min_rows=48)],
+    # (H200, bf16, backward launch at B 128, L 197, E 384 / 768, and B 32, L 6085, E 384: BLOCK_T 8 / VE 1 0.056 /
+    # 0.090 / 0.345 ms, BLOCK_T 8 / VE 2 0.073 / 0.087 / 0.245, BLOCK_T 4 / VE 2 0.084 / 0.093 / 0.273, unsplit
+    # 0.070 / 0.086 / 1.28; the two Triton kernels 0.187 / 0.306 / 2.00)
+    "conv_bwd_gluon": [dict(max_e=512, BLOCK_T=8, VE=1, num_warps=1, min_programs=2048, min_rows=48),
+                       dict(max_e=1 << 30, BLOCK_T=8, VE=2, num_warps=1, min_programs=2048, min_rows=48)],
 }
 
 

@@ -86,7 +86,9 @@ def test_worker_mode_under_torchrun_measures_its_own_baseline(tmp_path, fw):
     _check_rows(result["rows"], 2, ["ddp:bucket=25,view=1,static=0"])
     # --profile: one profile per rank that trained (the baseline's rank 0; both DDP ranks), printed per rank
     assert [len(r["profiles"]) for r in result["rows"]] == [1, 2]
-    assert all(p["unit"] == "cpu" and "backward" in p["table"] for r in result["rows"] for p in r["profiles"])
+    # the backward pass is in each profile (e.g. SelectiveScanRefBackward, aten::convolution_backward: which of them
+    # makes the top rows depends on the machine's timing, so the match ignores case)
+    assert all(p["unit"] == "cpu" and "backward" in p["table"].lower() for r in result["rows"] for p in r["profiles"])
     assert "x2, rank 1 (train step)" in proc.stdout
     assert result["rows"][-1]["repo_default"] is True  # bucket 25 + gradient views = conf/train.yaml
     assert "ddp:bucket=25,view=1,static=0 *" in proc.stdout

@@ -1,5 +1,5 @@
-"""Forward and backward of the `fast` bidirectional selective scan in Gluon (Triton's explicit-layout dialect), CUDA
-only.
+"""Forward and backward of the `fast` bidirectional selective scan, and of its two depthwise convs + SiLU (at the end
+of the file), in Gluon (Triton's explicit-layout dialect), CUDA only.
 
 Same maths, inputs and outputs as `bimamba_fwd_kernel` / `bimamba_bwd_kernel` in `visionmamba.ops._fast_kernels`.
 Every register tile has a layout chosen here instead of by the compiler, all of them slices of ONE 3-D layout over

@@ -144,3 +144,24 @@ def test_registry_errors_and_overrides():
     assert model.head.out_features == 3 and model.shuffle.rate == 0.0
     assert create_model("shufflemamba_test").shuffle.rate == 0.5
     assert create_model("mambareg_tiny", depth=2).shuffle.rate == 0.0
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (230, 237), (32, 48)])
+def test_patch_embed_matrix_product_equals_the_conv(hw):
+    """Non-overlapping patches go through one matrix product instead of the Conv2d: same tokens and grid (trailing
+    pixels that fill no patch dropped, as the conv does), same parameters; overlapping patches keep the conv; an image
+    smaller than a patch is a clear error."""
+    from visionmamba.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(224, 16, 16, 3, 192).double()
+    x = torch.randn(2, 3, *hw, dtype=torch.float64)
+    tokens, grid = embed(x)
+    ref = embed.proj(x)  # (B, D, h, w)
+    assert grid == (ref.shape[2], ref.shape[3])
+    torch.testing.assert_close(tokens, ref.flatten(2).transpose(1, 2), rtol=1e-12, atol=1e-12)
+    overlapping = PatchEmbed(224, 16, 8, 3, 192)
+    tokens8, grid8 = overlapping(x.float())
+    assert grid8 == ((hw[0] - 16) // 8 + 1, (hw[1] - 16) // 8 + 1) and tokens8.shape[1] == grid8[0] * grid8[1]
+    with pytest.raises(ValueError, match="smaller than one patch"):
+        embed(torch.randn(1, 3, 8, 64, dtype=torch.float64))

@@ -1,6 +1,7 @@
 """Patch embedding: one Conv2d, key ``patch_embed.proj`` as in the official code."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -27,6 +28,18 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> tokens (B, h*w, D) and the token grid (h, w)."""
+        if self.stride == self.patch_size:
+            # non-overlapping patches: the conv is one matrix product of (C, p, p) patch vectors with the flattened
+            # kernel. Same maths and MACs; on GPUs it skips cuDNN's two NCHW -> NHWC layout kernels and its
+            # channels-first conv (together ~1.5 % of a shufflemamba_tiny training step)
+            B, C, H, W = x.shape
+            self.check_img_size(min(H, W))
+            p = self.patch_size
+            h, w = (H - p) // p + 1, (W - p) // p + 1  # as the conv: trailing pixels that fill no patch are dropped
+            patches = x[:, :, :h * p, :w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+            tokens = F.linear(patches.reshape(B, h * w, C * p * p), self.proj.weight.reshape(self.proj.out_channels, -1),
+                              self.proj.bias)
+            return tokens, (h, w)
         x = self.proj(x)  # (B, D, h, w)
         grid = (x.shape[2], x.shape[3])
         return x.flatten(2).transpose(1, 2), grid

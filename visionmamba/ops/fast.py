@@ -323,11 +323,11 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     # dB / dC reduce over channels: relaxed fp32 atomics into dBC when there are many channel blocks, else
     # per-channel-block partials summed into it below (deterministic); dA, dD, d dt_bias: atomics into dpar
     atomic = bool(cfg.get("atomic", n_eb > 16))
-    dBC = torch.zeros((4, b, L, N), dtype=torch.float32, device=dev)
+    dBC = (torch.zeros if atomic else torch.empty)((4, b, L, N), dtype=torch.float32, device=dev)
     dpar = torch.zeros((2, E * N + 2 * E), dtype=torch.float32, device=dev)
     bc = dBC if atomic else torch.empty((4, n_eb, b, L, N), dtype=torch.float32, device=dev)
     if b * L * E == 0:
-        for t in (dx_f, ddt_f, dx_b, ddt_b, dz):
+        for t in (dx_f, ddt_f, dx_b, ddt_b, dz, dBC):
             t.zero_()
         return [dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar]
     # with split directions (separate programs) each direction has its own checkpoints and scratch, and the

@@ -35,7 +35,7 @@ class PatchEmbed(nn.Module):
             B, C, H, W = x.shape
             self.check_img_size(min(H, W))
             p = self.patch_size
-            h, w = (H - p) // p + 1, (W - p) // p + 1  # as the conv: trailing pixels that fill no patch are dropped
+            h, w = grid_size(H, p, p), grid_size(W, p, p)  # as the conv: pixels that fill no patch are dropped
             patches = x[:, :, :h * p, :w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
             tokens = F.linear(patches.reshape(B, h * w, C * p * p), self.proj.weight.reshape(self.proj.out_channels, -1),
                               self.proj.bias)

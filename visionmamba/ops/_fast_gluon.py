@@ -567,10 +567,36 @@ def _conv_tap(w_ptr, e, e_mask, k4: gl.constexpr, W: gl.constexpr):
 
 
 @gluon.jit
+def _conv_weights(w_ptr, bias_ptr, e, e_mask, W: gl.constexpr):
+    """One direction's four taps (width-4 frame) and bias for channels e, fp32."""
+    return (_conv_tap(w_ptr, e, e_mask, 0, W), _conv_tap(w_ptr, e, e_mask, 1, W), _conv_tap(w_ptr, e, e_mask, 2, W),
+            _conv_tap(w_ptr, e, e_mask, 3, W), gl.load(bias_ptr + e, mask=e_mask, other=0.0))
+
+
+@gluon.jit
+def _conv_program(L, E, ROWS, BLOCK_E: gl.constexpr, LE: gl.constexpr):
+    """This program's channels (in LE) and their mask, batch row (int64) and output rows [s0, s1) on the (channel
+    blocks, batch, row splits) grid of the Gluon conv kernels."""
+    e = gl.program_id(0) * BLOCK_E + gl.arange(0, BLOCK_E, layout=LE)
+    s0 = gl.program_id(2) * ROWS
+    return e, e < E, gl.program_id(1).to(gl.int64), s0, gl.minimum(s0 + ROWS, L)
+
+
+@gluon.jit
 def _conv_dw(dpar_ptr, acc, e, e_mask, k4: gl.constexpr, W: gl.constexpr):
     """Add tap k4's weight-gradient sum (nothing for the padding taps)."""
     if k4 >= 4 - W:
         gl.atomic_add(dpar_ptr + e * W + (k4 - (4 - W)), acc, mask=e_mask, sem="relaxed")
+
+
+@gluon.jit
+def _conv_param_grads(dpar_ptr, dw0, dw1, dw2, dw3, db, e, e_mask, E, W: gl.constexpr):
+    """Add one direction's weight- and bias-gradient sums to its [dw (E, W) | db (E,)] slice of dpar."""
+    _conv_dw(dpar_ptr, dw0, e, e_mask, 0, W)
+    _conv_dw(dpar_ptr, dw1, e, e_mask, 1, W)
+    _conv_dw(dpar_ptr, dw2, e, e_mask, 2, W)
+    _conv_dw(dpar_ptr, dw3, e, e_mask, 3, W)
+    gl.atomic_add(dpar_ptr + E * W + e, db, mask=e_mask, sem="relaxed")
 
 
 @gluon.jit
@@ -604,22 +630,10 @@ def bimamba_conv_bwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr,
     BLOCK_E: gl.constexpr = VE * 32 * NUM_WARPS
     LT: gl.constexpr = gl.BlockedLayout([BLOCK_T, VE], [1, 32], [1, NUM_WARPS], [1, 0])  # (rows, channels)
     LE: gl.constexpr = gl.SliceLayout(0, LT)
-    e = gl.program_id(0) * BLOCK_E + gl.arange(0, BLOCK_E, layout=LE)
-    e_mask = e < E
+    e, e_mask, b64, s0, s1 = _conv_program(L, E, ROWS, BLOCK_E, LE)
     em = e_mask[None, :]
-    b64 = gl.program_id(1).to(gl.int64)
-    s0 = gl.program_id(2) * ROWS
-    s1 = gl.minimum(s0 + ROWS, L)
-    wf0 = _conv_tap(wf_ptr, e, e_mask, 0, W)
-    wf1 = _conv_tap(wf_ptr, e, e_mask, 1, W)
-    wf2 = _conv_tap(wf_ptr, e, e_mask, 2, W)
-    wf3 = _conv_tap(wf_ptr, e, e_mask, 3, W)
-    wb0 = _conv_tap(wb_ptr, e, e_mask, 0, W)
-    wb1 = _conv_tap(wb_ptr, e, e_mask, 1, W)
-    wb2 = _conv_tap(wb_ptr, e, e_mask, 2, W)
-    wb3 = _conv_tap(wb_ptr, e, e_mask, 3, W)
-    bias_f = gl.load(bf_ptr + e, mask=e_mask, other=0.0)
-    bias_b = gl.load(bb_ptr + e, mask=e_mask, other=0.0)
+    wf0, wf1, wf2, wf3, bias_f = _conv_weights(wf_ptr, bf_ptr, e, e_mask, W)
+    wb0, wb1, wb2, wb3, bias_b = _conv_weights(wb_ptr, bb_ptr, e, e_mask, W)
     rows2 = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))[:, None]
     # history (times before the current row): x at 1..6 rows before the current one, gp_f / gp_b at 1..3 / 1..6
     # rows before the row's gp time; the weight-gradient accumulators. Each its own zero tensor: the loop-carried
@@ -669,18 +683,8 @@ def bimamba_conv_bwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr,
             x6, x5, x4, x3, x2, x1 = x5, x4, x3, x2, x1, x0
             f3, f2, f1 = f2, f1, f0
             g6, g5, g4, g3, g2, g1 = g5, g4, g3, g2, g1, g0
-    f_ptr = dpar_ptr
-    b_ptr = dpar_ptr + E * W + E
-    _conv_dw(f_ptr, dwf0, e, e_mask, 0, W)
-    _conv_dw(f_ptr, dwf1, e, e_mask, 1, W)
-    _conv_dw(f_ptr, dwf2, e, e_mask, 2, W)
-    _conv_dw(f_ptr, dwf3, e, e_mask, 3, W)
-    gl.atomic_add(f_ptr + E * W + e, dbf, mask=e_mask, sem="relaxed")
-    _conv_dw(b_ptr, dwb0, e, e_mask, 0, W)
-    _conv_dw(b_ptr, dwb1, e, e_mask, 1, W)
-    _conv_dw(b_ptr, dwb2, e, e_mask, 2, W)
-    _conv_dw(b_ptr, dwb3, e, e_mask, 3, W)
-    gl.atomic_add(b_ptr + E * W + e, dbb, mask=e_mask, sem="relaxed")
+    _conv_param_grads(dpar_ptr, dwf0, dwf1, dwf2, dwf3, dbf, e, e_mask, E, W)
+    _conv_param_grads(dpar_ptr + E * W + E, dwb0, dwb1, dwb2, dwb3, dbb, e, e_mask, E, W)
 
 
 @gluon.jit
@@ -693,22 +697,10 @@ def bimamba_conv_fwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr,
     BLOCK_E: gl.constexpr = VE * 32 * NUM_WARPS
     LT: gl.constexpr = gl.BlockedLayout([BLOCK_T, VE], [1, 32], [1, NUM_WARPS], [1, 0])  # (rows, channels)
     LE: gl.constexpr = gl.SliceLayout(0, LT)
-    e = gl.program_id(0) * BLOCK_E + gl.arange(0, BLOCK_E, layout=LE)
-    e_mask = e < E
+    e, e_mask, b64, s0, s1 = _conv_program(L, E, ROWS, BLOCK_E, LE)
     em = e_mask[None, :]
-    b64 = gl.program_id(1).to(gl.int64)
-    s0 = gl.program_id(2) * ROWS
-    s1 = gl.minimum(s0 + ROWS, L)
-    wf0 = _conv_tap(wf_ptr, e, e_mask, 0, W)
-    wf1 = _conv_tap(wf_ptr, e, e_mask, 1, W)
-    wf2 = _conv_tap(wf_ptr, e, e_mask, 2, W)
-    wf3 = _conv_tap(wf_ptr, e, e_mask, 3, W)
-    wb0 = _conv_tap(wb_ptr, e, e_mask, 0, W)
-    wb1 = _conv_tap(wb_ptr, e, e_mask, 1, W)
-    wb2 = _conv_tap(wb_ptr, e, e_mask, 2, W)
-    wb3 = _conv_tap(wb_ptr, e, e_mask, 3, W)
-    bias_f = gl.load(bf_ptr + e, mask=e_mask, other=0.0)
-    bias_b = gl.load(bb_ptr + e, mask=e_mask, other=0.0)
+    wf0, wf1, wf2, wf3, bias_f = _conv_weights(wf_ptr, bf_ptr, e, e_mask, W)
+    wb0, wb1, wb2, wb3, bias_b = _conv_weights(wb_ptr, bb_ptr, e, e_mask, W)
     rows2 = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, LT))[:, None]
     x1, x2, x3, x4, x5, x6 = _zeros6(BLOCK_E, LE)  # x at 1..6 rows before the current one (distinct zeros: see above)
     tau0 = s0 - D  # D warm-up rows: the first output row's window starts at s0 - D; the last ends at s1 - 1 + D

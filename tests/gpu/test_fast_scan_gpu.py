@@ -294,6 +294,7 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
             extra = (f"prefetch={cfg.get('prefetch')}" if kind == "fwd" else "" if kind == "fwd_gluon"
                      else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')} split={cfg.get('split', False)}")
             extra += f" maxnreg={cfg['maxnreg']}" if cfg.get("maxnreg") else ""
+            extra += f" walk_k={cfg['walk_k']}" if cfg.get("walk_k") else ""
             shape = (f"N_L={cfg['N_L']}" if kind == "bwd_gluon" else f"E_T={cfg['E_T']}"
                      if kind == "fwd_gluon" else f"BE={cfg['BLOCK_E']} ns={cfg.get('num_stages', 1)}")
             sweep[f"{kind} T={cfg['T']} {shape} nw={cfg['num_warps']} {extra}"] = t
@@ -363,8 +364,8 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     sweep_cfgs = []
     if "--sweep" in sys.argv:
-        # kind,T,BLOCK_E,warps,stages,extra (Triton kernels), bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split]]]
-        # or fwd_gluon,T,E_T,warps
+        # kind,T,BLOCK_E,warps,stages,extra (Triton kernels),
+        # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k]]]] or fwd_gluon,T,E_T,warps
         for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
             if spec.startswith("fwd_gluon,"):  # fwd_gluon,T,E_T,warps
                 _, T, e_t, nw = spec.split(",")
@@ -376,13 +377,14 @@ if __name__ == "__main__" and "--bench" in sys.argv:
                 sweep_cfgs.append(("conv_bwd_gluon", dict(BLOCK_T=int(bt), VE=int(ve), num_warps=int(nw),
                                                           min_programs=int(mp), min_rows=int(mr))))
                 continue
-            if spec.startswith("bwd_gluon,"):  # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split]]]
+            if spec.startswith("bwd_gluon,"):  # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k]]]]
                 _, T, n_l, nw, extra = spec.split(",")
-                seg, atomic, maxnreg, split = (extra.split(":") + ["", "", ""])[:4]
+                seg, atomic, maxnreg, split, walk_k = (extra.split(":") + [""] * 4)[:5]
                 sweep_cfgs.append(("bwd_gluon", dict(T=int(T), N_L=int(n_l), num_warps=int(nw), seg=int(seg),
                                                      **({"atomic": bool(int(atomic))} if atomic else {}),
                                                      **({"maxnreg": int(maxnreg)} if maxnreg else {}),
-                                                     **({"split": bool(int(split))} if split else {}))))
+                                                     **({"split": bool(int(split))} if split else {}),
+                                                     **({"walk_k": int(walk_k)} if walk_k else {}))))
                 continue
             kind, T, BE, nw, ns, extra = spec.split(",")
             cfg = dict(T=int(T), BLOCK_E=int(BE), num_warps=int(nw), num_stages=int(ns))

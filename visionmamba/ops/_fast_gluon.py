@@ -18,7 +18,8 @@ in flight).
 
 Backward (per direction; with SPLIT the two directions run in separate programs): phase 1 stores the state entering
 every segment of SEG chunks (nothing to do when the sequence is one segment); per segment, from the last, 2a walks
-forward storing the state entering each chunk into per-program scratch, and 2b takes the chunks in reverse: the states
+forward storing the state entering each chunk into per-program scratch (both walks take WALK_K chunks per step, in a
+twin of L3 with WALK_K T rows per thread: `_walk`), and 2b takes the chunks in reverse: the states
 again (keeping h_t and a_t), then the adjoint dh_t = gy_t C_t + a_{t+1} dh_{t+1} row by row. dB and dC are sums over
 channels: each thread stores its rows' terms to shared memory (16-byte stores) and the program reads them back in
 `reduce_layout`, summing mostly in-thread.
@@ -231,11 +232,10 @@ def bimamba_fwd_gluon_kernel(
 
 
 @gluon.jit
-def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j, c, L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl,
-              s_gb, s_gl, e_te, e_mask_te, T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr,
-              L3: gl.constexpr, REVERSE: gl.constexpr, FIRST: gl.constexpr):
-    """Per-token tiles phase 2b reads for chunk c (x, dt, z, g, the first pass's dz) and its entering state (scratch
-    slot j); chunks before the first (j < 0) load nothing."""
+def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, c, L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl,
+              s_gb, s_gl, e_te, e_mask_te, T: gl.constexpr, BLOCK_E: gl.constexpr, L3: gl.constexpr,
+              REVERSE: gl.constexpr, FIRST: gl.constexpr):
+    """Per-token tiles phase 2b reads for chunk c: x, dt, z, g, the first pass's dz."""
     LTE: gl.constexpr = gl.SliceLayout(2, L3)
     t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
     m_te = v_te[:, None] & e_mask_te[None, :]
@@ -246,59 +246,79 @@ def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j, c, L, E, b64, s_
         prev = gl.zeros((T, BLOCK_E), gl.float32, LTE)
     else:  # written by the first pass of this program (before the barrier between the passes)
         prev = _tile(dz_ptr, b64 * L * E, t_te, E, e_te, m_te)
-    LEN: gl.constexpr = gl.SliceLayout(0, L3)
-    slot = (gl.arange(0, BLOCK_E, layout=gl.SliceLayout(1, LEN))[:, None] * N
-            + gl.arange(0, N, layout=gl.SliceLayout(0, LEN))[None, :])
-    h0 = gl.load(scr_base + gl.maximum(j, 0) * BLOCK_E * N + slot * 0, mask=(slot * 0 + j) >= 0, other=0.0)
-    return x, dt, z, g, prev, h0
+    return x, dt, z, g, prev
 
 
 @gluon.jit
-def _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c_begin, count, every, st_base, st_stride, st_mask, bias, A2, b_smem, L,
-          b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc, rows3,
-          T: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr, REVERSE: gl.constexpr):
-    """Phases 1 and 2a: the state through chunks c_begin .. c_begin + count - 1, storing the state entering every
-    `every`-th of them (at st_base + k * st_stride) and the state leaving the last at the next slot. Same pipeline as
-    the forward: B rows from a double-buffered shared tile, one barrier per chunk, loads two chunks ahead."""
-    LTE: gl.constexpr = gl.SliceLayout(2, L3)
+def _entering_state(scr_base, j, BLOCK_E: gl.constexpr, N: gl.constexpr, L3: gl.constexpr):
+    """The state entering the segment's chunk j (scratch slot j, written by the walk); nothing for j < 0."""
     LEN: gl.constexpr = gl.SliceLayout(0, L3)
-    cx, cdt = _xdt_chunk(x_ptr, dt_ptr, c_begin, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE, REVERSE)
-    cB, _ = _bc_chunk(b_ptr, c_ptr, c_begin, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
+    slot = (gl.arange(0, BLOCK_E, layout=gl.SliceLayout(1, LEN))[:, None] * N
+            + gl.arange(0, N, layout=gl.SliceLayout(0, LEN))[None, :])
+    return gl.load(scr_base + gl.maximum(j, 0) * BLOCK_E * N + slot * 0, mask=(slot * 0 + j) >= 0, other=0.0)
+
+
+@gluon.jit
+def _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c_begin, count, st_base, st_stride, st_mask, bias, A2, wb_smem, L,
+          b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc,
+          EVERY: gl.constexpr, T: gl.constexpr, K: gl.constexpr, L3: gl.constexpr, L3W: gl.constexpr,
+          LBC: gl.constexpr, REVERSE: gl.constexpr):
+    """Phases 1 and 2a: the state through chunks c_begin .. c_begin + count - 1 (c_begin a multiple of K), storing
+    the state entering every EVERY-th of them (at st_base + k * st_stride) and the state leaving the last at the next
+    slot. The walk takes K chunks (W = K T rows, layout L3W) per step, the next step's tiles in flight while this one
+    computes, and B through a double-buffered shared tile (one barrier per step). Why K chunks: a loaded bf16 tile is
+    packed into registers (two values in one) at the loop's back edge, which waits for the load. With one T-row chunk
+    per step (as 2b) the walk was 38 % of the backward's stall samples on the H100, 2/3 of them on that wait; a step
+    of K chunks hides most of the latency and pays the per-step work (addresses, masks, barrier) once per W rows."""
+    W: gl.constexpr = K * T
+    LEN: gl.constexpr = gl.SliceLayout(0, L3)
+    LTW: gl.constexpr = gl.SliceLayout(2, L3W)  # (W, BLOCK_E)
+    LENW: gl.constexpr = gl.SliceLayout(0, L3W)  # (BLOCK_E, N): the same registers as LEN, so converts are free
+    ew = gl.convert_layout(e_te, gl.SliceLayout(0, LTW), assert_trivial=True)
+    ew_mask = gl.convert_layout(e_mask_te, gl.SliceLayout(0, LTW), assert_trivial=True)
+    biasw = gl.convert_layout(bias, gl.SliceLayout(0, LTW), assert_trivial=True)
+    A2w = gl.convert_layout(A2, LENW, assert_trivial=True)
+    h = gl.convert_layout(h, LENW, assert_trivial=True)
+    rows3 = gl.arange(0, W, layout=gl.SliceLayout(1, LTW))[:, None, None]
+    sc0 = c_begin // K
+    lim = (c_begin + count) * T  # rows at or past it leave the state unchanged (a zero step)
+    x, dt = _xdt_chunk(x_ptr, dt_ptr, sc0, L, b64, s_xb, s_xl, s_dtb, s_dtl, ew, ew_mask, W, LTW, REVERSE)
+    cB, cC = _bc_chunk(b_ptr, c_ptr, sc0, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, W, LBC, REVERSE)  # C: unused
     _cta_barrier()  # the shared tile's previous readers are done
-    b_smem.index(0).store(cB)
-    nx, ndt = _xdt_chunk(x_ptr, dt_ptr, c_begin + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE,
-                         REVERSE)
-    nB, _ = _bc_chunk(b_ptr, c_ptr, c_begin + 1, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
-    for j in range(0, count):
-        c = c_begin + j
-        if j % every == 0:
-            gl.store(st_base + (j // every) * st_stride, h, mask=st_mask)
+    wb_smem.index(0).store(cB)
+    nB, nC = _bc_chunk(b_ptr, c_ptr, sc0 + 1, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, W, LBC, REVERSE)
+    for j in range(0, gl.cdiv(count, K)):
         _cta_barrier()
-        b_smem.index(1 - j % 2).store(nB)
-        b_buf = b_smem.index(j % 2)
-        x, dt = cx, cdt
-        cx, cdt = nx, ndt
-        nx, ndt = _xdt_chunk(x_ptr, dt_ptr, c + 2, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE,
-                             REVERSE)
-        nB, _ = _bc_chunk(b_ptr, c_ptr, c + 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
-        t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-        delta = gl.where(v_te[:, None] & e_mask_te[None, :], _softplus(dt + bias[None, :])[0], 0.0)
+        wb_smem.index(1 - j % 2).store(nB)
+        b_buf = wb_smem.index(j % 2)
+        cx, cdt = x, dt
+        x, dt = _xdt_chunk(x_ptr, dt_ptr, sc0 + j + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, ew, ew_mask, W, LTW,
+                           REVERSE)
+        nB, nC = _bc_chunk(b_ptr, c_ptr, sc0 + j + 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, W, LBC, REVERSE)
+        tau = (sc0 + j) * W + gl.arange(0, W, layout=gl.SliceLayout(1, LTW))
+        t_w, v = _rows(sc0 + j, L, W, gl.SliceLayout(1, LTW), REVERSE)
+        delta = gl.where((v & (tau < lim))[:, None] & ew_mask[None, :], _softplus(cdt + biasw[None, :])[0], 0.0)
         delta3 = delta[:, :, None]
-        dx3 = (delta * x)[:, :, None]
-        for i in gl.static_range(T):
-            h = gl.exp2(_row(rows3, delta3, i) * A2) * h + _row(rows3, dx3, i) * b_buf.slice(i, 1).load(LEN)
-    gl.store(st_base + gl.cdiv(count, every) * st_stride, h, mask=st_mask)
+        dx3 = (delta * cx)[:, :, None]
+        for i in gl.static_range(W):
+            if i % T == 0:  # entering chunk c_begin + cj
+                cj = j * K + i // T
+                gl.store(st_base + (cj // EVERY) * st_stride, gl.convert_layout(h, LEN, assert_trivial=True),
+                         mask=st_mask & ((cj % EVERY == 0) & (cj < count)))
+            h = gl.exp2(_row(rows3, delta3, i) * A2w) * h + _row(rows3, dx3, i) * b_buf.slice(i, 1).load(LENW)
+    h = gl.convert_layout(h, LEN, assert_trivial=True)
+    gl.store(st_base + gl.cdiv(count, EVERY) * st_stride, h, mask=st_mask)
     return h
 
 
 @gluon.jit
 def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
                    dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr, scr_ptr,
-                   b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                   b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
                    s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_gb, s_gl,
                    REVERSE: gl.constexpr, FIRST: gl.constexpr, T: gl.constexpr, BLOCK_E: gl.constexpr,
                    N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr,
-                   RL: gl.constexpr):
+                   RL: gl.constexpr, WALK_K: gl.constexpr, L3W: gl.constexpr):
     """One direction of the backward (the module docstring has the phases)."""
     LTE: gl.constexpr = gl.SliceLayout(2, L3)  # (T, BLOCK_E)
     LEN: gl.constexpr = gl.SliceLayout(0, L3)  # (BLOCK_E, N)
@@ -330,9 +350,9 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
     # phase 1: the state entering every segment (checkpoints; nothing to do when the sequence is one segment)
     h = gl.zeros((BLOCK_E, N), gl.float32, LEN)
     if n_seg > 1:
-        h = _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, 0, (n_seg - 1) * SEG, SEG, ck_base, E * N, en_mask, bias, A2,
-                  b_smem, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc, rows3,
-                  T, L3, LBC, REVERSE)
+        h = _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, 0, (n_seg - 1) * SEG, ck_base, E * N, en_mask, bias, A2,
+                  wb_smem, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc,
+                  SEG, T, WALK_K, L3, L3W, LBC, REVERSE)
     else:
         gl.store(ck_base, h, mask=en_mask)
 
@@ -348,13 +368,15 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
         # back only what it wrote: no barrier)
         h = gl.load(ck_base + s * E * N, mask=en_mask, other=0.0)
         # the scratch stores are unmasked (en_mask | True): 2b loads every slot, padding channels included (zeros)
-        h = _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c0, nj - 1, 1, scr_base, BLOCK_E * N, en_mask | True, bias, A2,
-                  b_smem, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc, rows3,
-                  T, L3, LBC, REVERSE)
-        # 2b: the chunks in reverse; per-token tiles one chunk ahead, B and C two chunks ahead (staged like the forward)
-        px, pdt, pz, pg, pprev, ph0 = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, nj - 1, c0 + nj - 1,
-                                                L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl,
-                                                e_te, e_mask_te, T, BLOCK_E, N, L3, REVERSE, FIRST)
+        h = _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c0, nj - 1, scr_base, BLOCK_E * N, en_mask | True, bias, A2,
+                  wb_smem, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, e_te, e_mask_te, n_bc,
+                  1, T, WALK_K, L3, L3W, LBC, REVERSE)
+        # 2b: the chunks in reverse; per-token tiles and the entering state one chunk ahead, B and C two chunks
+        # ahead (staged like the forward)
+        px, pdt, pz, pg, pprev = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, c0 + nj - 1, L, E, b64, s_xb, s_xl,
+                                           s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl, e_te, e_mask_te, T, BLOCK_E, L3,
+                                           REVERSE, FIRST)
+        ph0 = _entering_state(scr_base, nj - 1, BLOCK_E, N, L3)
         cB, cC = _bc_chunk(b_ptr, c_ptr, c0 + nj - 1, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
         _cta_barrier()  # the walk's last reads of the shared tile are done
         b_smem.index(0).store(cB)
@@ -373,9 +395,10 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
             b_buf = b_smem.index(jj % 2)
             c_buf = c_smem.index(jj % 2)
             x, dt, z, g, prev, h0 = px, pdt, pz, pg, pprev, ph0
-            px, pdt, pz, pg, pprev, ph0 = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, scr_base, j - 1, c - 1,
-                                                    L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl,
-                                                    e_te, e_mask_te, T, BLOCK_E, N, L3, REVERSE, FIRST)
+            px, pdt, pz, pg, pprev = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, c - 1, L, E, b64, s_xb, s_xl,
+                                               s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl, e_te, e_mask_te, T, BLOCK_E, L3,
+                                               REVERSE, FIRST)
+            ph0 = _entering_state(scr_base, j - 1, BLOCK_E, N, L3)
             nB, nC = _bc_chunk(b_ptr, c_ptr, c - 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
             sp, w = _softplus(dt + bias[None, :])
             delta = gl.where(m_te, sp, 0.0)
@@ -473,7 +496,8 @@ def bimamba_bwd_gluon_kernel(
         s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl,
         s_zb, s_zl, s_gb, s_gl, dzb_ptr,
         T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr,
-        N_L: gl.constexpr, NUM_WARPS: gl.constexpr, RL: gl.constexpr, SPLIT: gl.constexpr):
+        N_L: gl.constexpr, NUM_WARPS: gl.constexpr, RL: gl.constexpr, SPLIT: gl.constexpr,
+        WALK_K: gl.constexpr):
     """`bimamba_bwd_kernel`'s contract (buffers, grid), plus: with SPLIT the grid has a third axis of 2 and the two
     directions run in separate programs (twice the programs, half as long: fewer idle SMs in the last wave); the reverse
     direction then writes its dz terms to dzb_ptr (the caller adds them) and uses the second half of the checkpoint
@@ -491,6 +515,12 @@ def bimamba_bwd_gluon_kernel(
     c_smem = gl.allocate_shared_memory(gl.float32, [2, T, N], SMEM)
     rb_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, N], RED)
     rc_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, N], RED)
+    # the walks (phases 1 and 2a) take WALK_K chunks per step: rows in each thread as in L3, B through its own tile
+    gl.static_assert(SEG % WALK_K == 0)
+    L3W: gl.constexpr = gl.BlockedLayout(size_per_thread=[WALK_K * T, 1, N // N_L],
+                                         threads_per_warp=[1, 32 // N_L, N_L], warps_per_cta=[1, NUM_WARPS, 1],
+                                         order=[2, 1, 0])
+    wb_smem = gl.allocate_shared_memory(gl.float32, [2, WALK_K * T, N], SMEM)
     if ATOMIC:
         pid_b = gl.program_id(0)
         pid_e = gl.program_id(1)
@@ -510,17 +540,17 @@ def bimamba_bwd_gluon_kernel(
     if run_fwd:
         _bwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
                   dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
-                  b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                  b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
                   s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
-                  False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+                  False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W)
     if not SPLIT:
         _cta_barrier()  # the reverse pass adds to the forward pass's dz and reuses its shared tiles
     if run_rev:
         _bwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
                   dxb_ptr, ddtb_ptr, dz_rev, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_rev, scr_rev,
-                  b_smem, c_smem, rb_smem, rc_smem, pid_b, pid_e, B, L, E,
+                  b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
                   s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
-                  True, SPLIT, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL)
+                  True, SPLIT, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W)
 
 
 # ----------------------------------------------------------------------------------------------------------------

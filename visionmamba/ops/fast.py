@@ -76,9 +76,13 @@ CONFIG = {
     # (BLOCK_E = 32 // N_L * num_warps); the two directions run in separate programs when batch * channel blocks is
     # below split_below (or as ``split`` says): twice the programs for small batches, but twice the scratch (the
     # states entering each chunk: B * E * L / T * N fp32 per direction in flight), which at batch 128 would put the
-    # training step's peak memory above the stock path's
-    "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split_below=2048, maxnreg=168),
-                  dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048)],
+    # training step's peak memory above the stock path's. ``walk_k`` (default 4; divides seg): chunks per step of the
+    # two forward walks (H200, B 128, L 197, E 384 / 768, N_L 2, maxnreg 168, backward launch: walk_k 4 0.78-0.79 /
+    # 1.53-1.56 ms, 2 0.81 / 1.57, 8 0.81 / 1.57-1.63, one chunk per step (before) 0.92 / 1.72; at E 768 N_L 1
+    # with walk_k 4 1.54; an L1 prefetch of the walk's rows 1-3 steps ahead changed nothing, nor did fetching the
+    # 2b entering states two chunks ahead)
+    "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split_below=2048, maxnreg=168, walk_k=4),
+                  dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048, walk_k=4)],
     # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps);
     # used on CUDA unless this list is empty; num_warps, then E_T, halve until batch * channel blocks reaches
     # min_programs, and below that (small batches of long sequences) the Triton "fwd" runs
@@ -306,7 +310,7 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
         BE = (32 // cfg["N_L"]) * cfg["num_warps"]
         kernel = G.bimamba_bwd_gluon_kernel
         split = bool(cfg["split"]) if "split" in cfg else b * triton_cdiv(E, BE) < cfg.get("split_below", 0)
-        variant = dict(N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"], SPLIT=split,
+        variant = dict(N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"], SPLIT=split, WALK_K=cfg.get("walk_k", 4),
                        RL=G.reduce_layout(cfg["T"], N, BE, cfg["num_warps"]))
     else:
         cfg = _config("bwd", E)

@@ -3,8 +3,9 @@
 Triton's interpreter cannot run Gluon, so their numerics are tested on the GPU (`tests/gpu/test_fast_scan_gpu.py`).
 Here the installed triton compiles them to cubins with ptxas (shipped in the triton wheel) at the production shapes
 and specialisations, which catches Gluon API drift between triton releases, and checks the designs' point: no layout
-conversion anywhere (every register tile is a slice of one 3-D layout; the forward's B and C go through shared
-memory explicitly).
+conversion that moves data (every register tile is a slice of one 3-D layout, or, in the backward's walks, of a twin
+with more rows per thread whose state tiles sit in the same registers; the B and C tiles go through shared memory
+explicitly).
 """
 from __future__ import annotations
 

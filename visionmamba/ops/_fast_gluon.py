@@ -281,7 +281,8 @@ def _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c_begin, count, st_base, st_stride, st
     h = gl.convert_layout(h, LENW, assert_trivial=True)
     rows3 = gl.arange(0, W, layout=gl.SliceLayout(1, LTW))[:, None, None]
     sc0 = c_begin // K
-    lim = (c_begin + count) * T  # rows at or past it leave the state unchanged (a zero step)
+    # rows at or past lim (the walk's end, or the sequence's) leave the state unchanged (a zero step)
+    lim = gl.minimum((c_begin + count) * T, L)
     x, dt = _xdt_chunk(x_ptr, dt_ptr, sc0, L, b64, s_xb, s_xl, s_dtb, s_dtl, ew, ew_mask, W, LTW, REVERSE)
     cB, cC = _bc_chunk(b_ptr, c_ptr, sc0, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, W, LBC, REVERSE)  # C: unused
     _cta_barrier()  # the shared tile's previous readers are done
@@ -295,9 +296,8 @@ def _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c_begin, count, st_base, st_stride, st
         x, dt = _xdt_chunk(x_ptr, dt_ptr, sc0 + j + 1, L, b64, s_xb, s_xl, s_dtb, s_dtl, ew, ew_mask, W, LTW,
                            REVERSE)
         nB, nC = _bc_chunk(b_ptr, c_ptr, sc0 + j + 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, W, LBC, REVERSE)
-        tau = (sc0 + j) * W + gl.arange(0, W, layout=gl.SliceLayout(1, LTW))
-        t_w, v = _rows(sc0 + j, L, W, gl.SliceLayout(1, LTW), REVERSE)
-        delta = gl.where((v & (tau < lim))[:, None] & ew_mask[None, :], _softplus(cdt + biasw[None, :])[0], 0.0)
+        tau = (sc0 + j) * W + gl.arange(0, W, layout=gl.SliceLayout(1, LTW))  # time-order index, >= 0
+        delta = gl.where((tau < lim)[:, None] & ew_mask[None, :], _softplus(cdt + biasw[None, :])[0], 0.0)
         delta3 = delta[:, :, None]
         dx3 = (delta * cx)[:, :, None]
         for i in gl.static_range(W):

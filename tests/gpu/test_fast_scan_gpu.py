@@ -37,9 +37,10 @@ def _require_cuda():
     yield
 
 
-def make_inputs(b, L, E, N=16, dtype=torch.float32, seed=0, strided=False, device=None):
+def make_inputs(b, L, E, N=16, dtype=torch.float32, seed=0, strided=False, device=None, dt_cols=16):
     """`bimamba_scan` inputs; with strided, x/dt are channel views of one (B, L, 2E) tensor, z the second half of
-    another, and B/C views of a (B, L, R + 2N) projection (what the mixer's linear layers produce)."""
+    another, and B/C views of a (B, L, dt_cols + 2N) projection (what the mixer's linear layers produce: it pads
+    the dt rank to a multiple of 8, so 16 for Vim-T; 12 gives B/C views that are not 16-byte aligned)."""
     device = device or DEV
     g = torch.Generator(device="cpu").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -50,8 +51,8 @@ def make_inputs(b, L, E, N=16, dtype=torch.float32, seed=0, strided=False, devic
         if strided:
             xdt = seq(torch.cat([r(b, L, E), r(b, L, E) * 0.5 - 1.0], -1))
             x, dt = xdt[..., :E], xdt[..., E:]
-            dbl = seq(r(b, L, 12 + 2 * N))
-            Bm, Cm = dbl[..., 12:12 + N], dbl[..., 12 + N:]
+            dbl = seq(r(b, L, dt_cols + 2 * N))
+            Bm, Cm = dbl[..., dt_cols:dt_cols + N], dbl[..., dt_cols + N:]
         else:
             x, dt, Bm, Cm = seq(r(b, L, E)), seq(r(b, L, E) * 0.5 - 1.0), seq(r(b, L, N)), seq(r(b, L, N))
         A = -torch.exp(r(E, N) * 0.5 + 0.5)  # spread like trained S4D-real A = -exp(A_log)
@@ -99,9 +100,11 @@ def test_fast_scan_matches_reference(seqlen, dtype, check, kernels):
         check(a, r, "d" + name, dtype, seqlen)
 
 
-def test_fast_scan_strided_inputs_and_partial_channel_block(check):
-    """Channel views of wider tensors (no copies) and E not a multiple of the channel block."""
-    ins = make_inputs(3, 197, 200, dtype=torch.float32, seed=7, strided=True)
+@pytest.mark.parametrize("dt_cols", [12, 16])
+def test_fast_scan_strided_inputs_and_partial_channel_block(check, dt_cols):
+    """Channel views of wider tensors (no copies; B/C 16-byte aligned or not) and E not a multiple of the channel
+    block."""
+    ins = make_inputs(3, 197, 200, dtype=torch.float32, seed=7, strided=True, dt_cols=dt_cols)
     assert not ins[0].is_contiguous() and not ins[3].is_contiguous()
     g = torch.randn(3, 197, 200, device=DEV)
     y, grads = run_fast(ins, g)

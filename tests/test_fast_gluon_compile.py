@@ -71,8 +71,9 @@ def test_gluon_backward_compiles_for_sm90_without_layout_conversions(entry):
     cfg = fast._config("bwd_gluon", (E, 2 * E)[entry])
     block_e = (32 // cfg["N_L"]) * cfg["num_warps"]
     consts = dict(T=cfg["T"], BLOCK_E=block_e, N=N, SEG=cfg["seg"], ATOMIC=False, N_L=cfg["N_L"],
-                  NUM_WARPS=cfg["num_warps"], RL=G.reduce_layout(cfg["T"], N, block_e, cfg["num_warps"]),
-                  SPLIT=bool(entry), WALK_K=cfg.get("walk_k", 4))
+                  NUM_WARPS=cfg["num_warps"], SPLIT=bool(entry), WALK_K=cfg.get("walk_k", 4),
+                  RED_K=1 if entry else cfg.get("red_k", 1),
+                  RL=G.reduce_layout(cfg["T"], N, block_e, cfg["num_warps"], 1 if entry else cfg.get("red_k", 1)))
     kernel = _compile_sm90(G.bimamba_bwd_gluon_kernel, consts, cfg["num_warps"], maxnreg=cfg.get("maxnreg"))
     ttgir = kernel.asm["ttgir"]
     # the only conversions are the walks' between L3 and its K-chunk twin, whose (BLOCK_E, N) state tiles and

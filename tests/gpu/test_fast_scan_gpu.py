@@ -75,13 +75,16 @@ def run_reference(ins, g):
     return y, grads
 
 
-@pytest.fixture(params=["gluon", "triton"])
+@pytest.fixture(params=["gluon", "gluon_unsplit", "triton"])
 def kernels(request, monkeypatch):
     """Both kernel sets: the Gluon forward and backward (default on CUDA) and the Triton ones (the CPU interpreter's,
-    and the fallback)."""
+    and the fallback). gluon_unsplit: the Gluon backward with both directions in each program, as at batch 128 (these
+    small batches would otherwise split them), which takes the dB / dC channel sums in groups of red_k chunks."""
     if request.param == "triton":
         monkeypatch.setitem(fast.CONFIG, "bwd_gluon", [])
         monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [])
+    if request.param == "gluon_unsplit":
+        monkeypatch.setitem(fast.CONFIG, "bwd_gluon", [dict(c, split=False) for c in fast.CONFIG["bwd_gluon"]])
     return request.param
 
 

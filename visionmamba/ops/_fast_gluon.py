@@ -41,8 +41,20 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-# the CTA barrier is `thread_barrier` in triton 3.6 and `barrier` in later releases (Gluon is experimental)
+# the CTA barrier is `thread_barrier` in triton 3.6 and `barrier` in later releases (Gluon is experimental), and a
+# shared-memory view of other shape is `_reinterpret` in 3.6 and `reinterpret` later (a constexpr picks the branch)
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_REINTERPRET_PUBLIC: gl.constexpr = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+
+
+@gluon.jit
+def _as_rows(smem, ROWS: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr):
+    """A (K, T, BLOCK_E, N) shared tile as (ROWS = K T, BLOCK_E, N): the same bytes (the layout is per (T, ...) slot)."""
+    if _REINTERPRET_PUBLIC:
+        view = smem.reinterpret(gl.float32, [ROWS, BLOCK_E, N], smem.layout)
+    else:
+        view = smem._reinterpret(gl.float32, [ROWS, BLOCK_E, N], smem.layout)
+    return view
 
 
 @gluon.jit
@@ -318,18 +330,19 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
                    s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_gb, s_gl,
                    REVERSE: gl.constexpr, FIRST: gl.constexpr, T: gl.constexpr, BLOCK_E: gl.constexpr,
                    N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr,
-                   RL: gl.constexpr, WALK_K: gl.constexpr, L3W: gl.constexpr):
+                   RL: gl.constexpr, WALK_K: gl.constexpr, L3W: gl.constexpr, RED_K: gl.constexpr):
     """One direction of the backward (the module docstring has the phases)."""
     LTE: gl.constexpr = gl.SliceLayout(2, L3)  # (T, BLOCK_E)
     LEN: gl.constexpr = gl.SliceLayout(0, L3)  # (BLOCK_E, N)
-    LRN: gl.constexpr = gl.SliceLayout(1, RL)  # (T, N): the reduced dB / dC rows
+    LRN: gl.constexpr = gl.SliceLayout(1, RL)  # (RED_K * T, N): the reduced dB / dC rows of a group of chunks
     e_te = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(0, LTE))
     e_mask_te = e_te < E
     e_en = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(1, LEN))
     n_en = gl.arange(0, N, layout=gl.SliceLayout(0, LEN))
     en_mask = (e_en < E)[:, None] & (n_en < N)[None, :]
     n_bc = gl.arange(0, N, layout=gl.SliceLayout(0, LBC))
-    n_rn = gl.arange(0, N, layout=gl.SliceLayout(0, LRN))
+    n_rn = gl.arange(0, N, layout=gl.SliceLayout(0, LRN))[None, :]
+    s_rn = gl.arange(0, RED_K * T, layout=gl.SliceLayout(1, LRN))  # group row s: row s % T of chunk first - s // T
     rows3 = gl.arange(0, T, layout=gl.SliceLayout(1, LTE))[:, None, None]
     A2 = gl.load(a_ptr + e_en[:, None] * N + n_en[None, :], mask=en_mask, other=0.0) * 1.4426950408889634
     Dv = gl.load(d_ptr + e_te, mask=e_mask_te, other=0.0)
@@ -388,8 +401,11 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
             t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
             m_te = v_te[:, None] & e_mask_te[None, :]
             # chunk c's B and C (stored last iteration) are visible, every thread is done with the buffer chunk c - 1's
-            # overwrite now, and with last iteration's reduction tiles
+            # overwrite now, and with the last group's reduction tiles
             _cta_barrier()
+            grp = jj % RED_K  # this chunk's slot in the group of RED_K chunks whose dB / dC are reduced together
+            rc_grp = rc_smem.index(grp)
+            rb_grp = rb_smem.index(grp)
             b_smem.index(1 - jj % 2).store(nB)
             c_smem.index(1 - jj % 2).store(nC)
             b_buf = b_smem.index(jj % 2)
@@ -428,8 +444,8 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
                 gy_i = _row(rows3, gy3, i)  # (BLOCK_E, 1)
                 h_i = _row(rows3, hs, i)
                 dh = gy_i * c_buf.slice(i, 1).load(LEN) + u
-                rc_smem.slice(i, 1).store((gy_i * h_i)[None, :, :])
-                rb_smem.slice(i, 1).store((_row(rows3, dx3, i) * dh)[None, :, :])
+                rc_grp.slice(i, 1).store((gy_i * h_i)[None, :, :])
+                rb_grp.slice(i, 1).store((_row(rows3, dx3, i) * dh)[None, :, :])
                 u = _row(rows3, As, i) * dh
                 # q = dh_t a_t h_{t-1}: the terms of dA (times Δ) and of dΔ (times A)
                 if i > 0:
@@ -452,32 +468,44 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
             gl.store(dx_ptr + off_o, dxo.to(dx_ptr.dtype.element_ty), mask=m_te)
             gl.store(ddt_ptr + off_o, ddt.to(ddt_ptr.dtype.element_ty), mask=m_te)
             gl.store(dz_ptr + off_o, (prev + dzp).to(dz_ptr.dtype.element_ty), mask=m_te)
-            _cta_barrier()  # every row's dB / dC terms are in shared memory
-            dBo = gl.sum(rb_smem.load(RL), axis=1)  # (T, N): the channel sum, in-thread then over a few lanes
-            dCo = gl.sum(rc_smem.load(RL), axis=1)
-            t_rn, v_rn = _rows(c, L, T, gl.SliceLayout(1, LRN), REVERSE)
-            off_bn = part_base + t_rn[:, None] * N + n_rn[None, :]
-            if ATOMIC:
-                gl.atomic_add(dB_ptr + off_bn, dBo, mask=v_rn[:, None], sem="relaxed")
-                gl.atomic_add(dC_ptr + off_bn, dCo, mask=v_rn[:, None], sem="relaxed")
-            else:
-                gl.store(dB_ptr + off_bn, dBo, mask=v_rn[:, None])
-                gl.store(dC_ptr + off_bn, dCo, mask=v_rn[:, None])
+            # the channel sums of dB / dC once per RED_K chunks (and at the segment's last chunk): one barrier, one
+            # pass of shared-memory loads and sums and one set of atomics for the group instead of one per chunk
+            if (grp == RED_K - 1) | (jj == nj - 1):
+                _cta_barrier()  # every row's dB / dC terms of the group are in shared memory
+                # (RED_K * T, N): in-thread then over a few lanes; the slots as rows of one tile (same bytes)
+                dBo = gl.sum(_as_rows(rb_smem, RED_K * T, BLOCK_E, N).load(RL), axis=1)
+                dCo = gl.sum(_as_rows(rc_smem, RED_K * T, BLOCK_E, N).load(RL), axis=1)
+                k_rn = s_rn // T
+                tau = (c + grp - k_rn) * T + s_rn % T  # slot k holds chunk c + grp - k (time-order index)
+                v_rn = (tau >= 0) & (tau < L) & (k_rn <= grp)  # slots past grp: stale, from an earlier group
+                if REVERSE:
+                    t_rn = L - 1 - tau
+                else:
+                    t_rn = tau
+                off_bn = part_base + gl.where(v_rn, t_rn, 0)[:, None] * N + n_rn
+                m_bn = v_rn[:, None] & (n_rn < N)
+                if ATOMIC:
+                    gl.atomic_add(dB_ptr + off_bn, dBo, mask=m_bn, sem="relaxed")
+                    gl.atomic_add(dC_ptr + off_bn, dCo, mask=m_bn, sem="relaxed")
+                else:
+                    gl.store(dB_ptr + off_bn, dBo, mask=m_bn)
+                    gl.store(dC_ptr + off_bn, dCo, mask=m_bn)
     # sums over the batch rows: relaxed fp32 atomics into zeroed (E, N) / (E,) buffers (no partials, no reduce launch)
     gl.atomic_add(dA_ptr + e_en[:, None] * N + n_en[None, :], dA_acc, mask=en_mask, sem="relaxed")
     gl.atomic_add(dD_ptr + e_te, dD_acc, mask=e_mask_te, sem="relaxed")
     gl.atomic_add(dbias_ptr + e_te, dbias_acc, mask=e_mask_te, sem="relaxed")
 
 
-def reduce_layout(T: int, N: int, block_e: int, num_warps: int) -> gl.BlockedLayout:
-    """Layout in which the (T, BLOCK_E, N) dB / dC terms are read back from shared memory for the channel sum: 4
-    states per thread (one 16-byte load), (token, state group) positions over lanes and warps first, the channels
-    left over lanes and in each thread, so the sum is mostly in-thread adds."""
+def reduce_layout(T: int, N: int, block_e: int, num_warps: int, red_k: int = 1) -> gl.BlockedLayout:
+    """Layout in which the (red_k * T, BLOCK_E, N) dB / dC terms of a group of red_k chunks are read back from shared
+    memory for the channel sum: 4 states per thread (one 16-byte load), (token, state group) positions over lanes and
+    warps first, the channels left over lanes and in each thread, so the sum is mostly in-thread adds."""
+    rows = red_k * T
     v = min(4, N)
     tw_n = min(N // v, 32)
-    tw_t = min(T, 32 // tw_n)
+    tw_t = min(rows, 32 // tw_n)
     tw_e = 32 // (tw_n * tw_t)
-    wt = min(num_warps, T // tw_t)
+    wt = min(num_warps, rows // tw_t)
     we = num_warps // wt
     return gl.BlockedLayout(size_per_thread=[1, 1, v], threads_per_warp=[tw_t, tw_e, tw_n],
                             warps_per_cta=[wt, we, 1], order=[2, 1, 0])
@@ -497,12 +525,12 @@ def bimamba_bwd_gluon_kernel(
         s_zb, s_zl, s_gb, s_gl, dzb_ptr,
         T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr,
         N_L: gl.constexpr, NUM_WARPS: gl.constexpr, RL: gl.constexpr, SPLIT: gl.constexpr,
-        WALK_K: gl.constexpr):
+        WALK_K: gl.constexpr, RED_K: gl.constexpr):
     """`bimamba_bwd_kernel`'s contract (buffers, grid), plus: with SPLIT the grid has a third axis of 2 and the two
     directions run in separate programs (twice the programs, half as long: fewer idle SMs in the last wave); the reverse
     direction then writes its dz terms to dzb_ptr (the caller adds them) and uses the second half of the checkpoint
     and scratch buffers. Without SPLIT one program runs both directions, the second adding to the first's dz.
-    BLOCK_E = (32 // N_L) * NUM_WARPS; RL = `reduce_layout(T, N, BLOCK_E, NUM_WARPS)`."""
+    BLOCK_E = (32 // N_L) * NUM_WARPS; RL = `reduce_layout(T, N, BLOCK_E, NUM_WARPS, RED_K)`."""
     gl.static_assert(BLOCK_E == (32 // N_L) * NUM_WARPS)
     gl.static_assert(N <= 32)
     L3: gl.constexpr = gl.BlockedLayout(size_per_thread=[T, 1, N // N_L], threads_per_warp=[1, 32 // N_L, N_L],
@@ -510,11 +538,11 @@ def bimamba_bwd_gluon_kernel(
     LBC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32 // N, N],
                                          warps_per_cta=[NUM_WARPS, 1], order=[1, 0])
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    RED: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=4, order=[2, 1, 0])
+    RED: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=4, order=[2, 1, 0])  # per slot
     b_smem = gl.allocate_shared_memory(gl.float32, [2, T, N], SMEM)
     c_smem = gl.allocate_shared_memory(gl.float32, [2, T, N], SMEM)
-    rb_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, N], RED)
-    rc_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, N], RED)
+    rb_smem = gl.allocate_shared_memory(gl.float32, [RED_K, T, BLOCK_E, N], RED)
+    rc_smem = gl.allocate_shared_memory(gl.float32, [RED_K, T, BLOCK_E, N], RED)
     # the walks (phases 1 and 2a) take WALK_K chunks per step: rows in each thread as in L3, B through its own tile
     gl.static_assert(SEG % WALK_K == 0)
     L3W: gl.constexpr = gl.BlockedLayout(size_per_thread=[WALK_K * T, 1, N // N_L],
@@ -542,7 +570,7 @@ def bimamba_bwd_gluon_kernel(
                   dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
                   b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
                   s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
-                  False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W)
+                  False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W, RED_K)
     if not SPLIT:
         _cta_barrier()  # the reverse pass adds to the forward pass's dz and reuses its shared tiles
     if run_rev:
@@ -550,7 +578,7 @@ def bimamba_bwd_gluon_kernel(
                   dxb_ptr, ddtb_ptr, dz_rev, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_rev, scr_rev,
                   b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
                   s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
-                  True, SPLIT, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W)
+                  True, SPLIT, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W, RED_K)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -80,9 +80,12 @@ CONFIG = {
     # two forward walks (H200, B 128, L 197, E 384 / 768, N_L 2, maxnreg 168, backward launch: walk_k 4 0.78-0.79 /
     # 1.53-1.56 ms, 2 0.81 / 1.57, 8 0.81 / 1.57-1.63, one chunk per step (before) 0.92 / 1.72; at E 768 N_L 1
     # with walk_k 4 1.54; an L1 prefetch of the walk's rows 1-3 steps ahead changed nothing, nor did fetching the
-    # 2b entering states two chunks ahead)
-    "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split_below=2048, maxnreg=168, walk_k=4),
-                  dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048, walk_k=4)],
+    # 2b entering states two chunks ahead). ``red_k`` (default 1; programs with one direction (split) always use 1):
+    # chunks whose dB / dC channel sums 2b takes together, one barrier, shared-memory pass and set of atomics per
+    # group (H200, backward kernel: B 128, L 197, E 384 / 768: red_k 2 0.745 / 1.473 ms, 1 0.775 / 1.494; B 32, L
+    # 6085, E 384, split: 2 8.96, 1 8.62 ms; dropping the channel sums altogether: 0.70 ms at E 384, so they cost ~10 %)
+    "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split_below=2048, maxnreg=168, walk_k=4, red_k=2),
+                  dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048, walk_k=4, red_k=2)],
     # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps);
     # used on CUDA unless this list is empty; num_warps, then E_T, halve until batch * channel blocks reaches
     # min_programs, and below that (small batches of long sequences) the Triton "fwd" runs
@@ -310,8 +313,9 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
         BE = (32 // cfg["N_L"]) * cfg["num_warps"]
         kernel = G.bimamba_bwd_gluon_kernel
         split = bool(cfg["split"]) if "split" in cfg else b * triton_cdiv(E, BE) < cfg.get("split_below", 0)
+        red_k = 1 if split else cfg.get("red_k", 1)
         variant = dict(N_L=cfg["N_L"], NUM_WARPS=cfg["num_warps"], SPLIT=split, WALK_K=cfg.get("walk_k", 4),
-                       RL=G.reduce_layout(cfg["T"], N, BE, cfg["num_warps"]))
+                       RED_K=red_k, RL=G.reduce_layout(cfg["T"], N, BE, cfg["num_warps"], red_k))
     else:
         cfg = _config("bwd", E)
         BE = cfg["BLOCK_E"]

@@ -21,8 +21,8 @@ every segment of SEG chunks (nothing to do when the sequence is one segment); pe
 forward storing the state entering each chunk into per-program scratch (both walks take WALK_K chunks per step, in a
 twin of L3 with WALK_K T rows per thread: `_walk`), and 2b takes the chunks in reverse: the states
 again (keeping h_t and a_t), then the adjoint dh_t = gy_t C_t + a_{t+1} dh_{t+1} row by row. dB and dC are sums over
-channels: each thread stores its rows' terms to shared memory (16-byte stores) and the program reads them back in
-`reduce_layout`, summing mostly in-thread.
+channels: each thread stores its rows' terms to shared memory (16-byte stores) and, once per RED_K chunks, the program
+reads them back in `reduce_layout`, summing mostly in-thread.
 
 Why: compiled offline for sm_90 (triton 3.6), the Triton backward's chunk loop took ~58 SASS instructions per state
 element, 25 of them shuffles (the compiler spreads N over 4-16 lanes, converts every per-token tile between its load

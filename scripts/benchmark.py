@@ -532,7 +532,8 @@ def _fmt(value, spec: str, width: int) -> str:
     return f"{value:{width}{spec}}"
 
 
-def format_table(results: list[RowResult], env: dict, args: argparse.Namespace) -> str:
+def format_table(results: list[RowResult], env: dict, args: argparse.Namespace,
+                 profiles: Optional[dict] = None) -> str:
     w = min(60, max(12, *(len(r.label) for r in results)))
     lines = [f"device: {env['device']} | torch {env['torch']} | batch {args.batch_size} | {args.img_size} px | "
              f"{args.dtype} | warmup {args.warmup}, median of {args.repeats} x {args.iters} iters unless the row "
@@ -558,7 +559,21 @@ def format_table(results: list[RowResult], env: dict, args: argparse.Namespace) 
              if (p := getattr(r, phase)) is not None and len(p.step_ms_windows) > 1 and p.spread > 0.03]
     if noisy:
         lines.append("timing spread (max-min)/median above 3%: " + "; ".join(noisy))
+    lines += gpu_time_lines(results, profiles or {})
     return "\n".join(lines)
+
+
+def gpu_time_lines(results: list[RowResult], profiles: dict) -> list[str]:
+    """Kernel time per train step of the profiled rows, as ratios to the baseline's when it was profiled too: a
+    host-bound row (eager launches, Python) has a wall-clock step that moves with the CPU, its GPU time does not."""
+    gpu_ms = {r.label: profiles[r.label]["total_gpu_us_per_step"] / 1e3 for r in results
+              if "total_gpu_us_per_step" in profiles.get(r.label, {})}
+    if not gpu_ms:
+        return []
+    base = gpu_ms.get(results[0].label)
+    parts = [f"{label} {ms:.2f} ms" + (f" ({base / ms:.2f}x)" if base and label != results[0].label else "")
+             for label, ms in gpu_ms.items()]
+    return ["GPU time per train step (profiler; x = baseline's / row's): " + "; ".join(parts)]
 
 
 # ------------------------------------------------------------------------------------------------ env / logging
@@ -690,7 +705,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     runner = run_interleaved if args.interleave else run_sequential
     results, profiles = runner(specs, args, device, dtype, on_progress)
     add_ratios(results)
-    table = format_table(results, env, args)
+    table = format_table(results, env, args, profiles)
     print("\n" + table, flush=True)
     out = _write_json(args, env, results, profiles, table)
     if args.mlflow:

@@ -120,3 +120,14 @@ def test_row_compile_modes(bench):
     assert bench.parse_row("vim_tiny@compile=0", args).compile is False
     with pytest.raises(ValueError, match="compile must be"):
         bench.parse_row("vim_tiny@compile=fastest", args)
+
+
+def test_gpu_time_line_gives_ratios_to_the_profiled_baseline(bench):
+    """The footer with kernel time per step (what a GPU profile measured): ratios only against a profiled baseline."""
+    rows = [bench.RowResult(label=name, model="m", family="visionmamba") for name in ("stock", "fast", "deit")]
+    profiles = {"stock": {"total_gpu_us_per_step": 112_400.0}, "fast": {"total_gpu_us_per_step": 32_360.0},
+                "deit": {"unit": "cpu", "table": "..."}}  # a CPU profile has no kernel time: left out
+    (line,) = bench.gpu_time_lines(rows, profiles)
+    assert line.endswith("stock 112.40 ms; fast 32.36 ms (3.47x)")
+    assert bench.gpu_time_lines(rows, {"fast": profiles["fast"]})[0].endswith("fast 32.36 ms")  # no baseline: no x
+    assert bench.gpu_time_lines(rows, {}) == []

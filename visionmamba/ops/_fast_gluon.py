@@ -58,13 +58,27 @@ def _as_rows(smem, ROWS: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr):
 
 
 @gluon.jit
+def _ex2_ftz(v):
+    """2^v as one MUFU.EX2 (ex2.approx.ftz: results below 2^-126 flush to zero); `gl.exp` adds a denormal range check
+    (a compare and two predicated multiplies) to every call."""
+    return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [v], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _rcp_ftz(v):
+    """1 / v as one MUFU.RCP (rcp.approx.ftz, within 1 ulp); the IEEE division adds refinement FMAs and a slow-path
+    branch (BSSY / BSYNC) to every call, which per (token, channel) cost more than a state update."""
+    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _softplus(v):
     """torch's softplus, as max(v, 0) + log1p(e^-|v|), and w = e^-|v| (for `_sigmoid_w`). log1p(w), w in (0, 1]: one
     MUFU.LG2 of 1 + w (`gl.log` lowers to a ~20-instruction polynomial, which per (token, channel) costs more than a
     state update), or below w = 1/16, where lg2.approx's absolute error (2^-22.6) would be large relative to the
     result, the series to w^4 (relative error < 3e-6 on both sides). Above v = 20, v + log1p(e^-v) rounds to v, as
     torch's threshold returns."""
-    w = gl.exp(-gl.abs(v))
+    w = _ex2_ftz(gl.abs(v) * -1.4426950408889634)
     lg2 = gl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + w], dtype=gl.float32, is_pure=True,
                                     pack=1)
     series = w * (1.0 - w * (0.5 - w * (0.3333333333 - w * 0.25)))
@@ -74,13 +88,17 @@ def _softplus(v):
 @gluon.jit
 def _sigmoid_w(v, w):
     """sigmoid(v) from w = e^-|v| (`_softplus`'s): no second exponential."""
-    r = 1.0 / (1.0 + w)
+    r = _rcp_ftz(1.0 + w)
     return gl.where(v >= 0.0, r, w * r)
 
 
 @gluon.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + gl.exp(-v))
+def _sigmoid_ftz(v):
+    """1 / (1 + 2^(-v log2 e)) with the flush-to-zero MUFU approximations (two instructions and an FMA; `gl.exp` and
+    the division add denormal range checks per call, which in these per-element kernels cost more than the maths)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .f32 t; ex2.approx.ftz.f32 t, $1; add.ftz.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 $0, t; }",
+        "=f,f", [v * -1.4426950408889634], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -190,7 +208,7 @@ def _fwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, out_pt
         if FIRST:
             gl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_te)
         else:
-            gl.store(o_ptrs, ((prev + y) * 0.5 * (z * _sigmoid(z))).to(out_ptr.dtype.element_ty), mask=m_te)
+            gl.store(o_ptrs, ((prev + y) * 0.5 * (z * _sigmoid_ftz(z))).to(out_ptr.dtype.element_ty), mask=m_te)
 
 
 @gluon.jit
@@ -419,7 +437,7 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
             sp, w = _softplus(dt + bias[None, :])
             delta = gl.where(m_te, sp, 0.0)
             dx_ = delta * x
-            sz = _sigmoid(z)
+            sz = _sigmoid_ftz(z)
             gy = g * (z * sz) * 0.5
             delta3 = delta[:, :, None]  # (T, BLOCK_E, 1)
             dx3 = dx_[:, :, None]
@@ -597,15 +615,6 @@ def bimamba_bwd_gluon_kernel(
 # memory and round-trip gp through it. A program's first 4D rows are warm-up (computed with a zero history, masked
 # off); its weight-gradient sums go to dpar with relaxed fp32 atomics.
 # ----------------------------------------------------------------------------------------------------------------
-
-@gluon.jit
-def _sigmoid_ftz(v):
-    """1 / (1 + 2^(-v log2 e)) with the flush-to-zero MUFU approximations (two instructions and an FMA; `gl.exp` and
-    the division add denormal range checks per call, which in this per-element kernel cost more than the maths)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .f32 t; ex2.approx.ftz.f32 t, $1; add.ftz.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 $0, t; }",
-        "=f,f", [v * -1.4426950408889634], dtype=gl.float32, is_pure=True, pack=1)
-
 
 @gluon.jit
 def _zeros6(BLOCK_E: gl.constexpr, layout: gl.constexpr):

@@ -94,11 +94,8 @@ def _sigmoid_w(v, w):
 
 @gluon.jit
 def _sigmoid_ftz(v):
-    """1 / (1 + 2^(-v log2 e)) with the flush-to-zero MUFU approximations (two instructions and an FMA; `gl.exp` and
-    the division add denormal range checks per call, which in these per-element kernels cost more than the maths)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .f32 t; ex2.approx.ftz.f32 t, $1; add.ftz.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 $0, t; }",
-        "=f,f", [v * -1.4426950408889634], dtype=gl.float32, is_pure=True, pack=1)
+    """1 / (1 + 2^(-v log2 e)) with the flush-to-zero MUFU approximations: two MUFU instructions and an add."""
+    return _rcp_ftz(1.0 + _ex2_ftz(v * -1.4426950408889634))
 
 
 @gluon.jit

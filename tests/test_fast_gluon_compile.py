@@ -82,7 +82,8 @@ def test_gluon_backward_compiles_for_sm90_without_layout_conversions(entry):
     conversions = [line for line in ttgir.splitlines() if "ttg.convert_layout" in line]
     assert conversions and all(f"tensor<{block_e}x" in c for c in conversions)
     source = Path(G.__file__).read_text()
-    assert source.count("gl.convert_layout(") == source.count("assert_trivial=True)")
+    # (plus the forward's `_lanes`, which moves data only with the state spread over lanes)
+    assert source.count("gl.convert_layout(") == source.count("assert_trivial=True)") + 1
     # the kernel is really there: per direction, the sums over the state (y, dx, dΔ), over the chunk's tokens (dD,
     # d dt_bias) and the shared-memory channel sums (dB, dC)
     assert ttgir.count("tt.reduce") >= 14
@@ -97,7 +98,7 @@ def test_gluon_forward_compiles_for_sm90_with_whole_states_per_thread():
 
     cfg = fast._config("fwd_gluon", E)
     consts = dict(T=cfg["T"], BLOCK_E=cfg["E_T"] * 32 * cfg["num_warps"], N=N, E_T=cfg["E_T"],
-                  NUM_WARPS=cfg["num_warps"])
+                  NUM_WARPS=cfg["num_warps"], N_L=1)
     kernel = _compile_sm90(G.bimamba_fwd_gluon_kernel, consts, cfg["num_warps"])
     ttgir = kernel.asm["ttgir"]
     assert "ttg.convert_layout" not in ttgir, "a layout conversion crept into the Gluon forward"
@@ -105,6 +106,29 @@ def test_gluon_forward_compiles_for_sm90_with_whole_states_per_thread():
     assert ttgir.count("ttg.local_alloc") >= 2 and "ttg.local_load" in ttgir
     # each thread owns whole states, so y = <h, C> reduces in registers: no warp shuffle in the kernel
     assert "shfl" not in kernel.asm["ptx"]
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
+def test_gluon_forward_compiles_for_sm90_with_states_over_lanes():
+    """The high-resolution forward (few batch rows): each state over N_L = 4 lanes (`_gluon_fwd_config` at batch 32).
+    y = <h, C> ends in a butterfly over the 4 lanes (2 shuffles per row), the per-(token, channel) work runs once per
+    channel (each lane its own rows: one softplus per lane and T / N_L rows), and the only layout conversions are
+    `_lanes`' three per direction (Δ and Δx to the state layout, y back), no register spills."""
+    from visionmamba.ops import _fast_gluon as G
+    from visionmamba.ops import fast
+
+    cfg = dict(fast._config("fwd_gluon", E), N_L=4)
+    cfg.update(T=cfg["lane_T"], num_warps=cfg["lane_warps"])
+    assert cfg["N_L"] == 4 and cfg["T"] % cfg["N_L"] == 0
+    consts = dict(T=cfg["T"], BLOCK_E=cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"], N=N, E_T=cfg["E_T"],
+                  NUM_WARPS=cfg["num_warps"], N_L=cfg["N_L"])
+    kernel = _compile_sm90(G.bimamba_fwd_gluon_kernel, consts, cfg["num_warps"])
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    assert ttgir.count("= ttg.convert_layout") == 6
+    assert ptx.count("shfl.sync.bfly") == 2 * 2 * cfg["T"]  # log2(4) per row, both directions
+    # softplus: one lg2 per thread and chunk, i.e. T / N_L rows per lane, per direction
+    assert ptx.count("lg2.approx") == 2 * cfg["T"] // cfg["N_L"]
+    assert ".local" not in ptx
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
@@ -136,20 +160,30 @@ def test_gluon_convs_compile_for_sm90_with_rows_in_registers(monkeypatch):
 
 
 def test_gluon_forward_launch_selection(monkeypatch):
-    """Which forward runs where: Gluon on CUDA with enough programs (warps, then channels per thread, shrink first),
-    the Triton forward for small batches of long sequences, never Gluon off CUDA or in the interpreter."""
+    """Which forward runs where: Gluon on CUDA, with whole states per thread while a batch fills the SMs and each
+    state over the fewest lanes that do otherwise (E_T shrinks first); never Gluon off CUDA, in the interpreter or
+    for d_state > 32."""
     import torch
 
     from visionmamba.ops import fast
 
-    monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=2, num_warps=2, min_programs=1024)])
+    monkeypatch.setattr(fast, "_sm_count", lambda index: 132)  # an H100 / H200
     cuda = torch.device("cuda")
+    keys = ("N_L", "T", "num_warps", "E_T")
+    pick = lambda b, E, N=16: {k: fast._gluon_fwd_config(cuda, b, E, N)[k] for k in keys}  # noqa: E731
+    # the shipped configuration (11 warps per SM: 1452 warps of one channel-lane per thread)
+    assert pick(128, 384) == dict(N_L=1, T=4, num_warps=2, E_T=1)  # 1536 warps with whole states
+    assert pick(64, 768)["N_L"] == 1
+    assert pick(96, 384) == dict(N_L=2, T=8, num_warps=2, E_T=1)  # 1152 -> 2304
+    assert pick(64, 384)["N_L"] == 2 and pick(32, 768)["N_L"] == 2
+    assert pick(32, 384) == dict(N_L=4, T=8, num_warps=2, E_T=1)  # 1248 px inference: 384 -> 768 -> 1536
+    assert pick(1, 384)["N_L"] == 4  # never more than max_lanes: too few warps, but still the Gluon forward
+    assert pick(1, 384, N=2)["N_L"] == 2  # nor more lanes than state elements
+    monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=2, num_warps=2, min_warps_per_sm=11)])
+    assert pick(512, 384)["E_T"] == 2  # 3072 warps with 2 channels per thread: as configured
+    assert pick(128, 384) == dict(N_L=1, T=4, num_warps=2, E_T=1)  # E_T halves first; no lanes configured
+    assert pick(32, 384)["N_L"] == 1
     assert fast._gluon_fwd_config(torch.device("cpu"), 128, 384, 16) is None
-    big = fast._gluon_fwd_config(cuda, 512, 384, 16)  # 512 rows x 3 blocks of 128 channels: as configured
-    assert (big["E_T"], big["num_warps"]) == (2, 2)
-    tiny = fast._gluon_fwd_config(cuda, 128, 384, 16)  # 128 x 3 < 1024 -> one warp (6 blocks) -> E_T 1 (12 blocks)
-    assert (tiny["E_T"], tiny["num_warps"]) == (1, 1)
-    assert fast._gluon_fwd_config(cuda, 32, 384, 16) is None  # 32 x 12 programs at most: the Triton forward
     assert fast._gluon_fwd_config(cuda, 512, 384, 64) is None  # d_state > 32: whole states would not fit a thread
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fast._gluon_fwd_config(cuda, 512, 384, 16) is None

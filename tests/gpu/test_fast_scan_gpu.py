@@ -75,11 +75,17 @@ def run_reference(ins, g):
     return y, grads
 
 
-@pytest.fixture(params=["gluon", "gluon_unsplit", "triton"])
+@pytest.fixture(params=["gluon", "gluon_unsplit", "gluon_lanes2", "triton"])
 def kernels(request, monkeypatch):
     """Both kernel sets: the Gluon forward and backward (default on CUDA) and the Triton ones (the CPU interpreter's,
-    and the fallback). gluon_unsplit: the Gluon backward with both directions in each program, as at batch 128 (these
-    small batches would otherwise split them), which takes the dB / dC channel sums in groups of red_k chunks."""
+    and the fallback). These small batches run the Gluon forward with each state over 4 lanes (as at high resolution)
+    and the Gluon backward with the directions in separate programs. gluon_unsplit: both as at batch 128, the forward
+    with whole states per thread and the backward with both directions in each program, which takes the dB / dC
+    channel sums in groups of red_k chunks. gluon_lanes2: the forward over 2 lanes with 2 rows per lane and chunk."""
+    if request.param == "gluon_unsplit":
+        monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=1, num_warps=1)])
+    if request.param == "gluon_lanes2":
+        monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=1, num_warps=1, N_L=2)])
     if request.param == "triton":
         monkeypatch.setitem(fast.CONFIG, "bwd_gluon", [])
         monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [])
@@ -301,7 +307,7 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
                      else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')} split={cfg.get('split', False)}")
             extra += f" maxnreg={cfg['maxnreg']}" if cfg.get("maxnreg") else ""
             extra += f" walk_k={cfg['walk_k']}" if cfg.get("walk_k") else ""
-            shape = (f"N_L={cfg['N_L']}" if kind == "bwd_gluon" else f"E_T={cfg['E_T']}"
+            shape = (f"N_L={cfg['N_L']}" if kind == "bwd_gluon" else f"E_T={cfg['E_T']} N_L={cfg.get('N_L', 1)}"
                      if kind == "fwd_gluon" else f"BE={cfg['BLOCK_E']} ns={cfg.get('num_stages', 1)}")
             sweep[f"{kind} T={cfg['T']} {shape} nw={cfg['num_warps']} {extra}"] = t
             fast.CONFIG.update({k: [dict(c) for c in v] for k, v in default.items()})
@@ -371,11 +377,11 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     sweep_cfgs = []
     if "--sweep" in sys.argv:
         # kind,T,BLOCK_E,warps,stages,extra (Triton kernels),
-        # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k]]]] or fwd_gluon,T,E_T,warps
+        # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k]]]] or fwd_gluon,T,E_T,warps[,N_L]
         for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
-            if spec.startswith("fwd_gluon,"):  # fwd_gluon,T,E_T,warps
-                _, T, e_t, nw = spec.split(",")
-                sweep_cfgs.append(("fwd_gluon", dict(T=int(T), E_T=int(e_t), num_warps=int(nw))))
+            if spec.startswith("fwd_gluon,"):  # fwd_gluon,T,E_T,warps[,N_L]
+                _, T, e_t, nw, n_l = (spec.split(",") + ["1"])[:5]
+                sweep_cfgs.append(("fwd_gluon", dict(T=int(T), E_T=int(e_t), num_warps=int(nw), N_L=int(n_l))))
                 continue
             if spec.startswith("conv_bwd_gluon,"):  # conv_bwd_gluon,BLOCK_T,VE,warps,min_programs:min_rows
                 _, bt, ve, nw, extra = spec.split(",")

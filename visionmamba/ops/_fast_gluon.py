@@ -3,8 +3,8 @@ of the file), in Gluon (Triton's explicit-layout dialect), CUDA only.
 
 Same maths, inputs and outputs as `bimamba_fwd_kernel` / `bimamba_bwd_kernel` in `visionmamba.ops._fast_kernels`.
 Every register tile has a layout chosen here instead of by the compiler, all of them slices of ONE 3-D layout over
-(T, BLOCK_E, N), with the chunk axis T in each thread and each thread owning whole states (N_L = 1) or half of them
-(N_L = 2, backward only):
+(T, BLOCK_E, N), with the chunk axis T in each thread and each thread owning whole states (N_L = 1) or 1 / N_L of
+them (backward N_L = 2; forward N_L = 2 or 4 for small batches, where whole states per thread leave SMs idle):
 
     L3 = blocked(size_per_thread [T, E_T, N / N_L], threads_per_warp [1, 32 / N_L, N_L], warps [1, num_warps, 1])
 
@@ -33,7 +33,10 @@ with up to 2x the resident warps at N_L 2. Measured (H200, B 128, L 197, bf16, b
 E 384 / 768 against 1.17 / 2.26 ms for the previous Gluon backward and 1.60 / 3.13 ms for the Triton one; at B 32, L
 6085, E 384: 7.6 against 13.6 ms. The forward's loop: 9.1 / 11.1 instructions per element (first / second pass) against
 12.8 / 14.2 for the Triton forward, with one MUFU exponential per element (~8.5) as the floor; 0.159 / 0.297 ms against
-0.208 / 0.403 ms (H100). Gluon is not run by Triton's CPU interpreter: the CPU tests run the Triton kernels and compile
+0.208 / 0.403 ms (H100). With the state over N_L lanes the forward's per-(token, channel) work is not repeated on
+every lane: each lane takes T / N_L rows of it and Δ, Δx and y cross between the lanes (`_lanes`); at 1248 px (B 32,
+L 6085, E 384, N_L 4) it runs 1.53 ms against 2.13-2.23 with whole states (too few warps) and 2.44 for the Triton
+forward (H200). Gluon is not run by Triton's CPU interpreter: the CPU tests run the Triton kernels and compile
 these for sm_90 (checking for layout conversions); the GPU tests check both sets against the reference.
 """
 from __future__ import annotations
@@ -143,25 +146,41 @@ def _row(rows3, x3, i: gl.constexpr):
 
 
 @gluon.jit
+def _lanes(v, layout: gl.constexpr, N_L: gl.constexpr):
+    """The forward's one data-moving conversion, between a (T, BLOCK_E) tile in LROW (each of a channel's N_L lanes
+    holding its own rows) and in L3's slice (every lane holding all rows): with N_L = 1 they are the same layout and
+    nothing is emitted."""
+    if N_L == 1:
+        out = v
+    else:
+        out = gl.convert_layout(v, layout)
+    return out
+
+
+@gluon.jit
 def _fwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, out_ptr, pid_b, pid_e, L, E,
               s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_ob, s_ol,
               REVERSE: gl.constexpr, FIRST: gl.constexpr, T: gl.constexpr, BLOCK_E: gl.constexpr,
-              N: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr):
+              N: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr, LROW: gl.constexpr, N_L: gl.constexpr):
     """One direction of the forward: y_t = <h_t, C_t> + D x_t, chunk by chunk and row by row (each thread owns whole
-    states: no cross-lane reduction). B and C of a chunk are loaded once per program in the compact layout LBC and
-    staged through a double-buffered shared tile, from which every thread reads each row as a broadcast. Loads run
-    ahead: chunk c computes while chunk c + 1's B and C go to shared memory and chunk c + 2's tiles are in flight. The first pass stores y; the second reads it back and stores (y_f + y_b) / 2 * SiLU(z)."""
-    LTE: gl.constexpr = gl.SliceLayout(2, L3)  # (T, BLOCK_E)
+    states, or N / N_L of them with the state split over N_L lanes). B and C of a chunk are loaded once per program in
+    the compact layout LBC and staged through a double-buffered shared tile, from which every thread reads each row as
+    a broadcast. Loads run ahead: chunk c computes while chunk c + 1's B and C go to shared memory and chunk c + 2's
+    tiles are in flight. The per-(token, channel) work (loads, softplus, D skip, gating, stores) runs in LROW: with
+    N_L lanes per channel each lane takes T / N_L of the chunk's rows instead of all lanes repeating it, Δ and Δx go
+    to the state layout (a broadcast within the lane group) and y = <h, C> comes back from it. The first pass stores
+    y; the second reads it back and stores (y_f + y_b) / 2 * SiLU(z)."""
+    LTE: gl.constexpr = gl.SliceLayout(2, L3)  # (T, BLOCK_E), replicated over the lanes of a channel
     LEN: gl.constexpr = gl.SliceLayout(0, L3)  # (BLOCK_E, N)
-    e_te = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(0, LTE))
-    e_mask_te = e_te < E
+    e_r = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(0, LROW))
+    e_mask_r = e_r < E
     e_en = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(1, LEN))
     n_en = gl.arange(0, N, layout=gl.SliceLayout(0, LEN))
     n_bc = gl.arange(0, N, layout=gl.SliceLayout(0, LBC))
     rows3 = gl.arange(0, T, layout=gl.SliceLayout(1, LTE))[:, None, None]
     A2 = gl.load(a_ptr + e_en[:, None] * N + n_en[None, :], mask=(e_en < E)[:, None], other=0.0) * 1.4426950408889634
-    Dv = gl.load(d_ptr + e_te, mask=e_mask_te, other=0.0)
-    bias = gl.load(bias_ptr + e_te, mask=e_mask_te, other=0.0)
+    Dv = gl.load(d_ptr + e_r, mask=e_mask_r, other=0.0)
+    bias = gl.load(bias_ptr + e_r, mask=e_mask_r, other=0.0)
     b64 = pid_b.to(gl.int64)
     # (2, T, N): chunk c in buffer c % 2; row i of a buffer is the (1, N) slice every thread loads whole, in LEN
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
@@ -169,16 +188,16 @@ def _fwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, out_pt
     c_smem = gl.allocate_shared_memory(gl.float32, [2, T, N], SMEM)
     h = gl.zeros((BLOCK_E, N), gl.float32, LEN)
     cx, cdt, cB, cC, cz, cprev = _fwd_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, 0, L, b64, s_xb, s_xl,
-                                             s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_ob, s_ol, e_te,
-                                             e_mask_te, n_bc, T, LTE, LBC, REVERSE, FIRST)
+                                             s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_ob, s_ol, e_r,
+                                             e_mask_r, n_bc, T, LROW, LBC, REVERSE, FIRST)
     b_smem.index(0).store(cB)
     c_smem.index(0).store(cC)
     nx, ndt, nB, nC, nz, nprev = _fwd_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, 1, L, b64, s_xb, s_xl,
-                                             s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_ob, s_ol, e_te,
-                                             e_mask_te, n_bc, T, LTE, LBC, REVERSE, FIRST)
+                                             s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_ob, s_ol, e_r,
+                                             e_mask_r, n_bc, T, LROW, LBC, REVERSE, FIRST)
     for c in range(0, gl.cdiv(L, T)):
-        t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-        m_te = v_te[:, None] & e_mask_te[None, :]
+        t_r, v_r = _rows(c, L, T, gl.SliceLayout(1, LROW), REVERSE)
+        m_r = v_r[:, None] & e_mask_r[None, :]
         # one barrier per chunk: chunk c's B, C (stored last iteration) are visible, and every thread is done with
         # chunk c - 1's buffer, which chunk c + 1's B, C overwrite now
         _cta_barrier()
@@ -190,40 +209,40 @@ def _fwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, out_pt
         cx, cdt, cz, cprev = nx, ndt, nz, nprev
         nx, ndt, nB, nC, nz, nprev = _fwd_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, c + 2, L, b64, s_xb,
                                                  s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_ob, s_ol,
-                                                 e_te, e_mask_te, n_bc, T, LTE, LBC, REVERSE, FIRST)
-        delta = gl.where(m_te, _softplus(dt + bias[None, :])[0], 0.0)
-        delta3 = delta[:, :, None]  # (T, BLOCK_E, 1)
-        dx3 = (delta * x)[:, :, None]
-        y3 = (Dv[None, :] * x)[:, :, None]
+                                                 e_r, e_mask_r, n_bc, T, LROW, LBC, REVERSE, FIRST)
+        delta = gl.where(m_r, _softplus(dt + bias[None, :])[0], 0.0)
+        delta3 = _lanes(delta, LTE, N_L)[:, :, None]  # (T, BLOCK_E, 1)
+        dx3 = _lanes(delta * x, LTE, N_L)[:, :, None]
+        y3 = gl.zeros((T, BLOCK_E, 1), gl.float32, L3)
         for i in gl.static_range(T):
             B_i = b_buf.slice(i, 1).load(LEN)  # (1, N), the same in every thread
             C_i = c_buf.slice(i, 1).load(LEN)
             h = gl.exp2(_row(rows3, delta3, i) * A2) * h + _row(rows3, dx3, i) * B_i
             y3 = gl.where(rows3 == i, y3 + gl.sum(h * C_i, axis=1, keep_dims=True)[None, :, :], y3)
-        y = gl.sum(y3, axis=2)  # (T, BLOCK_E); the axis has size 1
-        o_ptrs = out_ptr + b64 * s_ob + t_te[:, None] * s_ol + e_te[None, :]
+        y = _lanes(gl.sum(y3, axis=2), LROW, N_L) + Dv[None, :] * x  # (T, BLOCK_E); axis 2 has size 1
+        o_ptrs = out_ptr + b64 * s_ob + t_r[:, None] * s_ol + e_r[None, :]
         if FIRST:
-            gl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_te)
+            gl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_r)
         else:
-            gl.store(o_ptrs, ((prev + y) * 0.5 * (z * _sigmoid_ftz(z))).to(out_ptr.dtype.element_ty), mask=m_te)
+            gl.store(o_ptrs, ((prev + y) * 0.5 * (z * _sigmoid_ftz(z))).to(out_ptr.dtype.element_ty), mask=m_r)
 
 
 @gluon.jit
 def _fwd_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb,
-                s_cl, s_zb, s_zl, s_ob, s_ol, e_te, e_mask_te, n_bc, T: gl.constexpr, LTE: gl.constexpr,
+                s_cl, s_zb, s_zl, s_ob, s_ol, e_r, e_mask_r, n_bc, T: gl.constexpr, LROW: gl.constexpr,
                 LBC: gl.constexpr, REVERSE: gl.constexpr, FIRST: gl.constexpr):
-    """Chunk c's x, dt (T, BLOCK_E) in LTE and B, C (T, N) in the compact LBC, as fp32; for the second pass also z
+    """Chunk c's x, dt (T, BLOCK_E) in LROW and B, C (T, N) in the compact LBC, as fp32; for the second pass also z
     and the first pass's y (written by this program before the barrier between the passes), else x twice (unused)."""
-    x, dt = _xdt_chunk(x_ptr, dt_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_te, T, LTE, REVERSE)
+    x, dt = _xdt_chunk(x_ptr, dt_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_r, e_mask_r, T, LROW, REVERSE)
     Bm, Cm = _bc_chunk(b_ptr, c_ptr, c, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
     if FIRST:
         z = x
         prev = x
     else:
-        t_te, v_te = _rows(c, L, T, gl.SliceLayout(1, LTE), REVERSE)
-        m_te = v_te[:, None] & e_mask_te[None, :]
-        z = _tile(z_ptr, b64 * s_zb, t_te, s_zl, e_te, m_te)
-        prev = _tile(out_ptr, b64 * s_ob, t_te, s_ol, e_te, m_te)
+        t_r, v_r = _rows(c, L, T, gl.SliceLayout(1, LROW), REVERSE)
+        m_r = v_r[:, None] & e_mask_r[None, :]
+        z = _tile(z_ptr, b64 * s_zb, t_r, s_zl, e_r, m_r)
+        prev = _tile(out_ptr, b64 * s_ob, t_r, s_ol, e_r, m_r)
     return x, dt, Bm, Cm, z, prev
 
 
@@ -235,13 +254,22 @@ def bimamba_fwd_gluon_kernel(
         s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl,
         s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl,
         s_zb, s_zl, s_ob, s_ol,
-        T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, E_T: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """`bimamba_fwd_kernel`'s contract (arguments, grid (channel blocks, batch)); BLOCK_E = E_T * 32 * NUM_WARPS:
-    each thread owns E_T channels' whole states."""
-    gl.static_assert(BLOCK_E == E_T * 32 * NUM_WARPS)
+        T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, E_T: gl.constexpr, NUM_WARPS: gl.constexpr,
+        N_L: gl.constexpr = 1):
+    """`bimamba_fwd_kernel`'s contract (arguments, grid (channel blocks, batch)); BLOCK_E = E_T * (32 / N_L) *
+    NUM_WARPS: each thread owns E_T channels' whole states (N_L = 1) or, with N_L lanes per channel (E_T = 1, T a
+    multiple of N_L: small batches of long sequences, where whole states per thread leave most of the GPU idle), N / N_L
+    of one channel's state."""
+    gl.static_assert(BLOCK_E == E_T * (32 // N_L) * NUM_WARPS)
     gl.static_assert(N <= 32)
-    L3: gl.constexpr = gl.BlockedLayout(size_per_thread=[T, E_T, N], threads_per_warp=[1, 32, 1],
+    gl.static_assert(N % N_L == 0)
+    gl.static_assert(T % N_L == 0)
+    gl.static_assert(N_L == 1 or E_T == 1)
+    L3: gl.constexpr = gl.BlockedLayout(size_per_thread=[T, E_T, N // N_L], threads_per_warp=[1, 32 // N_L, N_L],
                                         warps_per_cta=[1, NUM_WARPS, 1], order=[2, 1, 0])
+    # per-(token, channel) tiles: lane j of a channel's N_L lanes holds rows j, j + N_L, ... (the lane order of L3)
+    LROW: gl.constexpr = gl.SliceLayout(2, L3) if N_L == 1 else gl.BlockedLayout(
+        size_per_thread=[T // N_L, E_T], threads_per_warp=[N_L, 32 // N_L], warps_per_cta=[1, NUM_WARPS], order=[0, 1])
     # (T, N) B and C tiles: one element per thread (each loaded once per program, not once per thread)
     LBC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32 // N, N],
                                          warps_per_cta=[NUM_WARPS, 1], order=[1, 0])
@@ -249,13 +277,13 @@ def bimamba_fwd_gluon_kernel(
     pid_b = gl.program_id(1)
     _fwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, out_ptr, pid_b, pid_e, L, E,
               s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_ob, s_ol,
-              False, True, T, BLOCK_E, N, L3, LBC)
+              False, True, T, BLOCK_E, N, L3, LBC, LROW, N_L)
     # pass 2 reads what other threads of this program wrote in pass 1 (y), and its first shared-memory stores must not
     # race pass 1's last reads
     _cta_barrier()
     _fwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, out_ptr, pid_b, pid_e, L, E,
               s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_ob, s_ol,
-              True, False, T, BLOCK_E, N, L3, LBC)
+              True, False, T, BLOCK_E, N, L3, LBC, LROW, N_L)
 
 
 @gluon.jit

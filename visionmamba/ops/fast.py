@@ -23,6 +23,7 @@ when a kernel is launched, never by ``import visionmamba``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional, Sequence
@@ -64,10 +65,9 @@ __all__ = [
 # batch 128 raised shufflemamba_tiny's training peak above the stock path's (4.54 vs 4.32 GiB of activations; small
 # 8.93 vs 8.41), hence split_below. Gluon forward (H100, E 384 / 768): T 4 / E_T 1 / 1-2 warps 0.159-0.163 / 0.297-0.314
 # ms against the Triton forward's 0.208 / 0.403 (T 2: 0.175 / 0.331, T 8: 0.165 / 0.321, E_T 2: 0.232 / 0.312); at
-# B 64 0.116 vs 0.109 ms and at B 32, L 6085 3.5 vs 2.4 ms (too few programs), hence its min_programs.
-# ``min_programs``: the forward halves
-# BLOCK_E (down to 8) until batch * channel blocks reaches it (high resolution, small batches). Edit this dict or set
-# VISIONMAMBA_FAST_CONFIG to override.
+# B 64 0.116 vs 0.109 ms and at B 32, L 6085 3.5 vs 2.4 ms (too few programs; the Gluon forward now spreads states
+# over lanes there, see "fwd_gluon"). ``min_programs`` (Triton forward): it halves BLOCK_E (down to 8) until batch *
+# channel blocks reaches it (high resolution, small batches). Edit this dict or set VISIONMAMBA_FAST_CONFIG to override.
 CONFIG = {
     "fwd": [dict(max_e=1 << 30, T=8, BLOCK_E=32, num_warps=2, prefetch=True, min_programs=1024)],
     "bwd": [dict(max_e=1 << 30, T=4, BLOCK_E=16, num_warps=1, seg=64)],
@@ -87,10 +87,24 @@ CONFIG = {
     # dropping the channel sums altogether: 0.70 ms at E 384, so they cost ~10 %)
     "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split_below=2048, maxnreg=168, walk_k=4, red_k=2),
                   dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048, walk_k=4, red_k=2)],
-    # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps);
-    # used on CUDA unless this list is empty; num_warps, then E_T, halve until batch * channel blocks reaches
-    # min_programs, and below that (small batches of long sequences) the Triton "fwd" runs
-    "fwd_gluon": [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, min_programs=1024)],
+    # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps),
+    # or, where a batch gives fewer than min_warps_per_sm warps per SM, spreads each state over N_L = 2, 4 lanes
+    # (BLOCK_E = 32 / N_L * lane_warps, lane_T rows per chunk; `_gluon_fwd_config`); used on CUDA unless this list is
+    # empty. H200, bf16, forward launch in CUDA graphs (ms), whole states (T 4, 1 / 2 warps) / 2 lanes (T 8, 1 / 2
+    # warps) / 4 lanes (T 8, 2 / 4 warps) / the Triton forward:
+    #   B 128, L 197, E 384:  0.149 0.144 / 0.158 0.153 / 0.195 0.189 / 0.205
+    #   B 128, L 197, E 768:  0.277 0.271 / 0.309 0.299 / 0.382 0.369 / 0.402
+    #   B  96, L 197, E 384:  0.147 0.142 / 0.133 0.129 / 0.147 0.142 / 0.179
+    #   B  64, L 197, E 384:  0.101 0.100 / 0.082 0.079 / 0.111 0.105 / 0.130
+    #   B  64, L 197, E 768:  0.150 0.144 / 0.158 0.154 / 0.196 0.189 / 0.205
+    #   B  32, L 197, E 384:  0.069 0.066 / 0.058 0.055 / 0.052 0.050 / 0.080
+    #   B  32, L 197, E 768:  0.101 0.100 / 0.082 0.079 / 0.111 0.105 / 0.130
+    #   B  32, L 785, E 384:  0.288 0.276 / 0.223 0.212 / 0.201 0.198 / 0.324
+    #   B  32, L 6085, E 384: 2.234 2.133 / 1.688 1.603 / 1.533 1.498 / 2.438   (1248 px)
+    # i.e. the fewest lanes that give ~1536 warps (11.6 per SM); N_L 8 measured 2.57-2.81 ms at 1248 px (more shuffles
+    # per element than the extra warps recover)
+    "fwd_gluon": [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, min_warps_per_sm=11, max_lanes=4, lane_warps=2,
+                       lane_T=8)],
     # bidirectional depthwise conv + SiLU: rows x channels per program
     "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
     # backward step 1 (gp, dw, db): one program per (channel block, batch row) looping over row tiles; step 2 (dx)
@@ -212,10 +226,10 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
     if gcfg is not None:
         from . import _fast_gluon as G
 
-        block_e = gcfg["E_T"] * 32 * gcfg["num_warps"]
+        block_e = gcfg["E_T"] * (32 // gcfg["N_L"]) * gcfg["num_warps"]
         G.bimamba_fwd_gluon_kernel[(triton_cdiv(E, block_e), b)](
             *args, T=gcfg["T"], BLOCK_E=block_e, N=N, E_T=gcfg["E_T"], NUM_WARPS=gcfg["num_warps"],
-            num_warps=gcfg["num_warps"])
+            N_L=gcfg["N_L"], num_warps=gcfg["num_warps"])
         return out
     cfg = _config("fwd", E)
     block_e = cfg["BLOCK_E"]
@@ -248,21 +262,32 @@ def _gluon_conv_grid(cfg: dict, b: int, L: int, E: int) -> tuple[tuple[int, int,
     return (n_eb, b, triton_cdiv(L, rows)), rows
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _gluon_fwd_config(device: torch.device, b: int, E: int, N: int) -> Optional[dict]:
     """The Gluon forward's launch configuration, or None where the Triton forward runs instead: off CUDA (the CPU
-    interpreter cannot run Gluon), with d_state > 32, with ``CONFIG["fwd_gluon"]`` empty, or when even one warp and one
-    channel per thread give fewer than ``min_programs`` programs (a small batch of long sequences, where the Triton
-    forward's 8-channel blocks keep more of the GPU busy)."""
+    interpreter cannot run Gluon), with d_state > 32, or with ``CONFIG["fwd_gluon"]`` empty. Each (channel, lane) is a
+    thread walking the whole sequence, so a small batch leaves SMs idle: while there are fewer than
+    ``min_warps_per_sm`` warps per SM, E_T halves, then each state spreads over N_L = 2, 4, ... lanes (up to
+    ``max_lanes``, with ``lane_warps`` warps per program and ``lane_T`` rows per chunk, at least N_L)."""
     if not CONFIG.get("fwd_gluon") or device.type != "cuda" or _interpreting() or N > 32:
         return None
     cfg = dict(_config("fwd_gluon", E))
-    programs = lambda: b * triton_cdiv(E, cfg["E_T"] * 32 * cfg["num_warps"])  # noqa: E731
-    while programs() < cfg.get("min_programs", 0) and cfg["num_warps"] * cfg["E_T"] > 1:
-        if cfg["num_warps"] > 1:
-            cfg["num_warps"] //= 2
-        else:
+    cfg["N_L"] = cfg.get("N_L", 1)
+    need = cfg.get("min_warps_per_sm", 0) * _sm_count(device.index)
+    while b * E * cfg["N_L"] < need * 32 * cfg["E_T"]:  # threads = b * E * N_L / E_T
+        if cfg["E_T"] > 1:
             cfg["E_T"] //= 2
-    return cfg if programs() >= cfg.get("min_programs", 0) else None
+        elif 2 * cfg["N_L"] <= min(cfg.get("max_lanes", 1), N):
+            cfg["N_L"] *= 2
+            cfg["num_warps"] = cfg.get("lane_warps", cfg["num_warps"])
+            cfg["T"] = max(cfg.get("lane_T", cfg["T"]), cfg["N_L"])
+        else:
+            break
+    return cfg
 
 
 def bwd_triton(grad: Tensor, *inputs: Tensor) -> list[Tensor]:

@@ -21,10 +21,11 @@ class TokenwiseLayer(nn.Module):
         return torch.tanh(self.proj(residual)), residual
 
 
-def _run_stack(shuffle, layers, x):
+def _run_stack(shuffle, layers, x, use_plan=False):
     hidden, residual = x, None
+    plan = shuffle.plan(hidden) if use_plan else None
     for i, layer in enumerate(layers):
-        hidden, residual = shuffle(i, layer, hidden, residual)
+        hidden, residual = shuffle(i, layer, hidden, residual, plan)
     return hidden, residual
 
 
@@ -144,16 +145,20 @@ def test_shuffle_module_has_no_state():
     assert not any(k.startswith("shuffle") for k in model.state_dict())
 
 
-def test_traced_shuffle_restores_order_and_fires_at_the_layer_probability():
+@pytest.mark.parametrize("use_plan", [False, True], ids=["per_layer_draws", "plan"])
+def test_traced_shuffle_restores_order_and_fires_at_the_layer_probability(use_plan):
     """Under torch.compile the coin is drawn on the device and the permutation applied branch-free: a firing layer
-    sees one batch-shared permutation, the output is in the original order, and layer i fires with p_i."""
+    sees one batch-shared permutation, the output is in the original order, and layer i fires with p_i; the same with
+    every layer's draws taken at once (`plan`, what the models do)."""
     torch.manual_seed(0)
     layers = nn.ModuleList(TokenwiseLayer(8) for _ in range(2))
     shuffle = LayerwiseShuffle(2, 0.5).train()  # p = [0, 0.5]
     x = torch.randn(3, 11, 8)
     plain_h, plain_r = _run_stack(LayerwiseShuffle(2, 0.0).train(), layers, x)
     seen_plain = layers[1].seen
-    compiled = torch.compile(lambda inp: _run_stack(shuffle, layers, inp), backend="aot_eager", fullgraph=True)
+    assert shuffle.plan(x) is None  # eager: the host-side coins decide, layer by layer
+    compiled = torch.compile(lambda inp: _run_stack(shuffle, layers, inp, use_plan), backend="aot_eager",
+                             fullgraph=True)
     trials, fired = 300, 0
     for _ in range(trials):
         h, r = compiled(x)

@@ -255,13 +255,14 @@ class LocalVisionMamba(nn.Module):
         for layer in self.layers:
             layer.mixer.grid = grid
         hidden, residual = x, None
+        plan = self.shuffle.plan(hidden)  # every layer's permutation at once (traced training forward only)
         for i in range(self.depth):
             if self.rope is not None:
                 # official order: RoPE on the block inputs, then the block adds hidden to the residual
                 hidden = self.rope(hidden, grid)
                 if residual is not None and self.use_rope_residual:
                     residual = self.rope(residual, grid)
-            hidden, residual = self.shuffle(i, partial(self._run_layer, i), hidden, residual)
+            hidden, residual = self.shuffle(i, partial(self._run_layer, i), hidden, residual, plan)
         residual = residual + self.drop_path(hidden)
         hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L, D)
         return hidden.mean(dim=1)

@@ -232,8 +232,9 @@ class VisionMamba(nn.Module):
         """Returns the pooled features fed to the head: (B, num_features)."""
         hidden, grid = self.assemble_tokens(x)
         residual = None
+        plan = self.shuffle.plan(hidden)  # every layer's permutation at once (traced training forward only)
         for i in range(self.depth):
-            hidden, residual = self.shuffle(i, partial(self._run_layer, i), hidden, residual)
+            hidden, residual = self.shuffle(i, partial(self._run_layer, i), hidden, residual, plan)
         residual = residual + self.drop_path(hidden)
         hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))  # (B, L, D)
         batch = hidden.shape[0]

@@ -56,3 +56,65 @@ def test_whole_model_compiles_to_one_graph_with_shuffle_on(fast_path_on_cpu):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vim_test", "shufflemamba_reg_test"])
+def test_inference_path_matches_training_path(name, fast_path_on_cpu):
+    """Without autograd the fast mixer splits in_proj and writes y over x_f, and blocks add the residual in place:
+    the same outputs as with autograd, for the mixer and the whole model (also under bf16 autocast, where blocks
+    hand the mixer its input already cast)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, kernel_backend="fast").double().eval()
+    mixer = model.layers[1].mixer
+    with torch.no_grad():
+        mixer.dt_proj_b.bias.normal_(0, 0.5)
+        mixer.in_proj.bias = torch.nn.Parameter(torch.randn(mixer.in_proj.out_features, dtype=torch.float64))
+    h = torch.randn(2, 19, 64, dtype=torch.float64)
+    with_grad = mixer.forward_fast(h)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without = mixer.forward_fast(h)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    reference = model(x).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference, rtol=1e-10, atol=1e-10)
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(x.float()).detach()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x.float()), reference, rtol=0, atol=0)
+
+
+def test_block_adds_the_residual_in_place_only_without_autograd():
+    torch.manual_seed(0)
+    block = create_model("vim_test", num_classes=5).layers[1].eval()
+    hidden, residual = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
+    expected = residual + hidden
+    out, res = block(hidden, residual.clone())  # autograd on: a new residual
+    torch.testing.assert_close(res, expected)
+    with torch.no_grad():
+        kept = residual.clone()
+        out2, res2 = block(hidden, kept)
+    assert res2 is kept  # written in place, returned
+    torch.testing.assert_close(res2, expected)
+    torch.testing.assert_close(out2, out.detach())
+    with torch.no_grad():  # a bf16 residual with fp32 hidden states would be promoted: no in-place add then
+        low = residual.to(torch.bfloat16)
+        block.residual_in_fp32 = False
+        _, res3 = block(hidden, low)
+    assert res3 is not low and res3.dtype == torch.float32
+
+
+def test_scan_into_x_writes_the_scan_output_over_x_f():
+    torch.manual_seed(0)
+    b, L, E, N = 2, 9, 6, 4
+    seq = lambda: torch.randn(b, L, E)  # noqa: E731
+    ins = [seq(), seq(), -torch.rand(E, N) - 0.5, torch.randn(b, L, N), torch.randn(b, L, N), torch.randn(E),
+           torch.randn(E), seq(), seq(), -torch.rand(E, N) - 0.5, torch.randn(b, L, N), torch.randn(b, L, N),
+           torch.randn(E), torch.randn(E), seq()]
+    expected = ops.bimamba_scan(*ins)
+    x_f = ins[0]
+    out = ops.bimamba_scan_into_x(*ins)
+    assert out is x_f
+    torch.testing.assert_close(out, expected)

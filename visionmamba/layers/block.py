@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
@@ -25,8 +26,21 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, hidden_states: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        residual = hidden_states if residual is None else residual + self.drop_path(hidden_states)
+        """Without autograd (inference) the add is in place: ``residual`` is overwritten and returned, so the stream
+        needs no second (B, L, D) buffer while the mixer runs (the caller still holds the previous one)."""
+        if residual is None:
+            residual = hidden_states
+        elif not torch.is_grad_enabled() and residual.dtype == torch.promote_types(residual.dtype,
+                                                                                  hidden_states.dtype):
+            residual = residual.add_(self.drop_path(hidden_states))
+        else:
+            residual = residual + self.drop_path(hidden_states)
         if self.residual_in_fp32:
             residual = residual.float()
         hidden_states = self.norm(residual.to(self.norm.weight.dtype))
+        device_type = hidden_states.device.type
+        if torch.is_autocast_enabled(device_type):
+            # the mixer's first matmul casts its input anyway; casting here frees the fp32 norm output (a (B, L, D)
+            # fp32 buffer) before the mixer runs instead of after
+            hidden_states = hidden_states.to(torch.get_autocast_dtype(device_type))
         return self.mixer(hidden_states), residual

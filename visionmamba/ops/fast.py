@@ -39,6 +39,7 @@ __all__ = [
     "bimamba_conv",
     "bimamba_conv_reference",
     "bimamba_scan",
+    "bimamba_scan_into_x",
     "bimamba_scan_reference",
     "bwd_triton",
     "fwd_triton",
@@ -609,6 +610,30 @@ def bimamba_scan(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tenso
     """Both scan directions, gated and averaged: (scan_fwd + scan_rev) / 2 * SiLU(z); see the module docstring."""
     return torch.ops.visionmamba.bimamba_scan(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b,
                                               D_b, dt_bias_b, z)
+
+
+@torch.library.custom_op("visionmamba::bimamba_scan_into_x", mutates_args=("x_f",))
+def _bimamba_scan_into_x_op(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor,
+                            dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
+                            D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> None:
+    inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
+    N = A_f.shape[-1]
+    # The Gluon forward reads each (token, channel) of x_f in the thread that later writes y there, chunk c + 2's
+    # rows in flight while chunk c's are stored, and never reads x_f in the reverse pass: it can write over it.
+    if x_f.is_contiguous() and _gluon_fwd_config(x_f.device, x_f.shape[0], x_f.shape[2], N) is not None:
+        fwd_triton(*inputs, out=x_f)
+    else:
+        x_f.copy_(_bimamba_scan_op(*inputs))
+
+
+def bimamba_scan_into_x(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor,
+                        dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
+                        D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> Tensor:
+    """`bimamba_scan` for inference (no autograd): y is written over x_f (a (B, L, E) buffer the caller no longer
+    needs), which is returned, so the forward allocates no output: one (B, L, E) activation less at the peak."""
+    torch.ops.visionmamba.bimamba_scan_into_x(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b,
+                                              D_b, dt_bias_b, z)
+    return x_f
 
 
 @torch.library.custom_op("visionmamba::bimamba_conv", mutates_args=())

@@ -118,7 +118,7 @@ def test_gluon_forward_compiles_for_sm90_with_states_over_lanes():
     from visionmamba.ops import fast
 
     cfg = dict(fast._config("fwd_gluon", E), N_L=4)
-    cfg.update(T=cfg["lane_T"], num_warps=cfg["lane_warps"])
+    cfg.update(T=cfg["lane_rows"] * 4, num_warps=cfg["lane_block_e"] * 4 // 32)
     assert cfg["N_L"] == 4 and cfg["T"] % cfg["N_L"] == 0
     consts = dict(T=cfg["T"], BLOCK_E=cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"], N=N, E_T=cfg["E_T"],
                   NUM_WARPS=cfg["num_warps"], N_L=cfg["N_L"])
@@ -174,9 +174,9 @@ def test_gluon_forward_launch_selection(monkeypatch):
     # the shipped configuration (11 warps per SM: 1452 warps of one channel-lane per thread)
     assert pick(128, 384) == dict(N_L=1, T=4, num_warps=2, E_T=1)  # 1536 warps with whole states
     assert pick(64, 768)["N_L"] == 1
-    assert pick(96, 384) == dict(N_L=2, T=8, num_warps=2, E_T=1)  # 1152 -> 2304
+    assert pick(96, 384) == dict(N_L=2, T=8, num_warps=2, E_T=1)  # 1152 -> 2304 (32 channels, 4 rows per lane)
     assert pick(64, 384)["N_L"] == 2 and pick(32, 768)["N_L"] == 2
-    assert pick(32, 384) == dict(N_L=4, T=8, num_warps=2, E_T=1)  # 1248 px inference: 384 -> 768 -> 1536
+    assert pick(32, 384) == dict(N_L=4, T=16, num_warps=4, E_T=1)  # 1248 px inference: 384 -> 768 -> 1536
     assert pick(1, 384)["N_L"] == 4  # never more than max_lanes: too few warps, but still the Gluon forward
     assert pick(1, 384, N=2)["N_L"] == 2  # nor more lanes than state elements
     monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=2, num_warps=2, min_warps_per_sm=11)])

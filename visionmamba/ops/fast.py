@@ -90,7 +90,7 @@ CONFIG = {
                   dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048, walk_k=4, red_k=2)],
     # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps),
     # or, where a batch gives fewer than min_warps_per_sm warps per SM, spreads each state over N_L = 2, 4 lanes
-    # (BLOCK_E = 32 / N_L * lane_warps, lane_T rows per chunk; `_gluon_fwd_config`); used on CUDA unless this list is
+    # (lane_block_e channels per program, T = lane_rows * N_L; `_gluon_fwd_config`); used on CUDA unless this list is
     # empty. H200, bf16, forward launch in CUDA graphs (ms), whole states (T 4, 1 / 2 warps) / 2 lanes (T 8, 1 / 2
     # warps) / 4 lanes (T 8, 2 / 4 warps) / the Triton forward:
     #   B 128, L 197, E 384:  0.149 0.144 / 0.158 0.153 / 0.195 0.189 / 0.205
@@ -103,9 +103,11 @@ CONFIG = {
     #   B  32, L 785, E 384:  0.288 0.276 / 0.223 0.212 / 0.201 0.198 / 0.324
     #   B  32, L 6085, E 384: 2.234 2.133 / 1.688 1.603 / 1.533 1.498 / 2.438   (1248 px)
     # i.e. the fewest lanes that give ~1536 warps (11.6 per SM); N_L 8 measured 2.57-2.81 ms at 1248 px (more shuffles
-    # per element than the extra warps recover)
-    "fwd_gluon": [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, min_warps_per_sm=11, max_lanes=4, lane_warps=2,
-                       lane_T=8)],
+    # per element than the extra warps recover). Rows per chunk: 4 lanes with T 16 / 4 warps 1.441 ms at 1248 px
+    # (0.192 at L 785, 11.0 SASS instructions per element and token against 12.2 at T 8), 2 warps 1.456; 2 lanes with
+    # T 16: 1.91-1.97 (224 registers), i.e. 4 rows per lane and 32 channels per program
+    "fwd_gluon": [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, min_warps_per_sm=11, max_lanes=4, lane_block_e=32,
+                       lane_rows=4)],
     # bidirectional depthwise conv + SiLU: rows x channels per program
     "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
     # backward step 1 (gp, dw, db): one program per (channel block, batch row) looping over row tiles; step 2 (dx)
@@ -273,7 +275,7 @@ def _gluon_fwd_config(device: torch.device, b: int, E: int, N: int) -> Optional[
     interpreter cannot run Gluon), with d_state > 32, or with ``CONFIG["fwd_gluon"]`` empty. Each (channel, lane) is a
     thread walking the whole sequence, so a small batch leaves SMs idle: while there are fewer than
     ``min_warps_per_sm`` warps per SM, E_T halves, then each state spreads over N_L = 2, 4, ... lanes (up to
-    ``max_lanes``, with ``lane_warps`` warps per program and ``lane_T`` rows per chunk, at least N_L)."""
+    ``max_lanes``; programs of ``lane_block_e`` channels, chunks of ``lane_rows`` rows per lane)."""
     if not CONFIG.get("fwd_gluon") or device.type != "cuda" or _interpreting() or N > 32:
         return None
     cfg = dict(_config("fwd_gluon", E))
@@ -284,8 +286,8 @@ def _gluon_fwd_config(device: torch.device, b: int, E: int, N: int) -> Optional[
             cfg["E_T"] //= 2
         elif 2 * cfg["N_L"] <= min(cfg.get("max_lanes", 1), N):
             cfg["N_L"] *= 2
-            cfg["num_warps"] = cfg.get("lane_warps", cfg["num_warps"])
-            cfg["T"] = max(cfg.get("lane_T", cfg["T"]), cfg["N_L"])
+            cfg["num_warps"] = max(cfg.get("lane_block_e", 32) * cfg["N_L"] // 32, 1)
+            cfg["T"] = cfg.get("lane_rows", 1) * cfg["N_L"]
         else:
             break
     return cfg

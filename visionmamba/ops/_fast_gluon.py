@@ -35,8 +35,8 @@ E 384 / 768 against 1.17 / 2.26 ms for the previous Gluon backward and 1.60 / 3.
 12.8 / 14.2 for the Triton forward, with one MUFU exponential per element (~8.5) as the floor; 0.159 / 0.297 ms against
 0.208 / 0.403 ms (H100). With the state over N_L lanes the forward's per-(token, channel) work is not repeated on
 every lane: each lane takes T / N_L rows of it and Δ, Δx and y cross between the lanes (`_lanes`); at 1248 px (B 32,
-L 6085, E 384, N_L 4) it runs 1.53 ms against 2.13-2.23 with whole states (too few warps) and 2.44 for the Triton
-forward (H200). Gluon is not run by Triton's CPU interpreter: the CPU tests run the Triton kernels and compile
+L 6085, E 384, N_L 4, T 16, 4 warps) it runs 1.44 ms against 2.13-2.23 with whole states (too few warps) and 2.44
+for the Triton forward (H200). Gluon is not run by Triton's CPU interpreter: the CPU tests run the Triton kernels and compile
 these for sm_90 (checking for layout conversions); the GPU tests check both sets against the reference.
 """
 from __future__ import annotations

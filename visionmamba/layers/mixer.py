@@ -126,36 +126,27 @@ class BiMambaMixer(nn.Module):
         The official backward branch runs a causal conv on the flipped sequence; on the unflipped time axis that is
         an anti-causal conv with the kernel reversed, so x_b, dt_b, B_b, C_b are produced without flipping, and the
         kernel scans them from the end.
+
+        Without autograd (inference) fewer (B, L, E) activations are held at the scan (the peak): x and z come from
+        two matmuls (in_proj's row halves: the same products) so x is freed once the convs have read it, and the scan
+        writes y over x_f (`ops.bimamba_scan_into_x`). At 1248 px that is 2 x 150 MB of Vim-T's peak.
         """
-        if not torch.is_grad_enabled():
-            return self._forward_fast_inference(hidden_states)
-        E, N = self.d_inner, self.d_state
-        xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)  # (B, L, 2E)
-        x, z = xz.split(E, dim=-1)  # (B, L, E) views, unit stride along E
+        E = self.d_inner
+        training = torch.is_grad_enabled()
+        w, bias = self.in_proj.weight, self.in_proj.bias
+        if training:
+            x, z = F.linear(hidden_states, w, bias).split(E, dim=-1)  # (B, L, E) views of xz, unit stride along E
+        else:
+            x = F.linear(hidden_states, w[:E], None if bias is None else bias[:E])  # (B, L, E)
+            z = F.linear(hidden_states, w[E:], None if bias is None else bias[E:])  # (B, L, E)
         # both depthwise convs + SiLU in one kernel, straight from the strided view: (B, L, E) x_f, x_b, contiguous
         x_f, x_b = ops.bimamba_conv(x, self.conv1d.weight[:, 0], self._conv_bias(self.conv1d),
                                     self.conv1d_b.weight[:, 0], self._conv_bias(self.conv1d_b))
+        del x  # inference: the last reference (in training the xz buffer keeps it for the conv's backward)
         dt_f, B_f, C_f = self._ssm_inputs(x_f, self.x_proj.weight, self.dt_proj.weight)
         dt_b, B_b, C_b = self._ssm_inputs(x_b, self.x_proj_b.weight, self.dt_proj_b.weight)
-        y = ops.bimamba_scan(x_f, dt_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(),
-                             self.dt_proj.bias.float(), x_b, dt_b, -torch.exp(self.A_b_log.float()), B_b, C_b,
-                             self.D_b.float(), self.dt_proj_b.bias.float(), z)  # (B, L, E), already averaged and gated
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
-
-    def _forward_fast_inference(self, hidden_states: Tensor) -> Tensor:
-        """`forward_fast` without autograd, holding fewer (B, L, E) activations at the scan (the peak): x and z come
-        from two matmuls (in_proj's row halves: the same products) so x is freed once the convs have read it, and
-        the scan writes y over x_f (`ops.bimamba_scan_into_x`). At 1248 px that is 2 x 150 MB of Vim-T's peak."""
-        E = self.d_inner
-        w, bias = self.in_proj.weight, self.in_proj.bias
-        x = F.linear(hidden_states, w[:E], None if bias is None else bias[:E])  # (B, L, E)
-        z = F.linear(hidden_states, w[E:], None if bias is None else bias[E:])  # (B, L, E)
-        x_f, x_b = ops.bimamba_conv(x, self.conv1d.weight[:, 0], self._conv_bias(self.conv1d),
-                                    self.conv1d_b.weight[:, 0], self._conv_bias(self.conv1d_b))
-        del x
-        dt_f, B_f, C_f = self._ssm_inputs(x_f, self.x_proj.weight, self.dt_proj.weight)
-        dt_b, B_b, C_b = self._ssm_inputs(x_b, self.x_proj_b.weight, self.dt_proj_b.weight)
-        y = ops.bimamba_scan_into_x(x_f, dt_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(),
-                                    self.dt_proj.bias.float(), x_b, dt_b, -torch.exp(self.A_b_log.float()), B_b, C_b,
-                                    self.D_b.float(), self.dt_proj_b.bias.float(), z)  # (B, L, E), in x_f's buffer
+        scan = ops.bimamba_scan if training else ops.bimamba_scan_into_x
+        y = scan(x_f, dt_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(), self.dt_proj.bias.float(),
+                 x_b, dt_b, -torch.exp(self.A_b_log.float()), B_b, C_b, self.D_b.float(), self.dt_proj_b.bias.float(),
+                 z)  # (B, L, E), already averaged and gated (inference: in x_f's buffer)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)

@@ -186,6 +186,59 @@ def _conv_worker(case_json: str) -> None:
     print("RESULT " + json.dumps(report))
 
 
+def _inner_inputs(b, L, E, N, R, W, dtype=torch.float64, seed=0):
+    """`bimamba_inner` inputs: xz (B, L, 2E), conv weights / biases, then per direction x_proj (R + 2N, E), dt_proj
+    (E, R), A (E, N) < 0, D, dt_bias."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    ins = [r(b, L, 2 * E), r(E, W) * 0.5, r(E) * 0.5, r(E, W) * 0.5, r(E) * 0.5]
+    for _ in range(2):
+        ins += [r(R + 2 * N, E) * E ** -0.5, r(E, R) * R ** -0.5, -torch.exp(r(E, N) * 0.5 + 0.3), r(E), r(E) * 0.3]
+    return ins
+
+
+def _inner_reference(xz, cw_f, cb_f, cw_b, cb_b, xw_f, dw_f, A_f, D_f, bias_f, xw_b, dw_b, A_b, D_b, bias_b):
+    """`bimamba_inner` composed from the references with plain autograd."""
+    import torch.nn.functional as F
+
+    from visionmamba.ops import fast
+
+    E, R, N = xz.shape[-1] // 2, dw_f.shape[1], A_f.shape[1]
+    x_f, x_b = fast.bimamba_conv_reference(xz[..., :E], cw_f, cb_f, cw_b, cb_b)
+    dbl_f, dbl_b = F.linear(x_f, xw_f), F.linear(x_b, xw_b)
+    return fast.bimamba_scan_reference(
+        x_f, F.linear(dbl_f[..., :R], dw_f), A_f, dbl_f[..., R:R + N], dbl_f[..., R + N:], D_f, bias_f,
+        x_b, F.linear(dbl_b[..., :R], dw_b), A_b, dbl_b[..., R:R + N], dbl_b[..., R + N:], D_b, bias_b, xz[..., E:])
+
+
+def _inner_worker(case_json: str) -> None:
+    """`bimamba_inner` (one autograd node, dz / dx written into d_xz's halves) through the Triton interpreter against
+    the reference composition in fp64: output and all 15 gradients."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    sys.path.insert(0, str(ROOT))
+    _install_fast_interpreter_scan()
+    from visionmamba.ops import fast
+
+    b, L, E, N, R, W, T, BE = json.loads(case_json)
+    fast.CONFIG["fwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, prefetch=True)]
+    fast.CONFIG["bwd"] = [dict(max_e=1 << 30, T=T, BLOCK_E=BE, num_warps=1, seg=2)]
+    fast.CONFIG["conv_fwd"] = fast.CONFIG["conv_bwd"] = [dict(max_e=1 << 30, BLOCK_T=8, BLOCK_E=BE, num_warps=1)]
+    assert fast.uses_triton("cpu")
+    ins = _inner_inputs(b, L, E, N, R, W)
+    g = torch.randn(b, L, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    leaves = [t.float().requires_grad_(True) for t in ins]
+    y = fast.bimamba_inner(*leaves)
+    y.backward(g.float())
+    ref = [t.detach().clone().requires_grad_(True) for t in ins]
+    y_ref = _inner_reference(*ref)
+    y_ref.backward(g)
+    rel = lambda a, r: ((a.detach().double() - r.detach()).abs().max() / r.detach().abs().max()).item()  # noqa: E731
+    report = {"y": rel(y, y_ref)}
+    for i, (leaf, r) in enumerate(zip(leaves, ref)):
+        report[f"d{i}"] = rel(leaf.grad, r.grad)
+    print("RESULT " + json.dumps(report))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------------------
@@ -244,6 +297,73 @@ def test_fast_scan_interpreter_matches_reference(case):
     bad = {k: v for k, v in report.items() if not v["finite"] or v["max_abs"] > 1e-4 * max(1.0, v["scale"])}
     assert not bad, bad
 
+
+# (batch, L, E, N, dt_rank, conv width, T, BLOCK_E): several checkpoint segments, a partial last chunk and channel block
+INNER_CASES = [(2, 21, 24, 16, 8, 4, 4, 16)]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", INNER_CASES, ids=lambda c: f"B{c[0]}-L{c[1]}-E{c[2]}-N{c[3]}-R{c[4]}")
+def test_fast_inner_interpreter_matches_reference(case):
+    """The fused mixer node's hand-written backward (scan and conv backward writing into the halves of d_xz, the
+    x_proj dgrad adding the scan's dx) against autograd through the references."""
+    report = _run_worker("--inner-worker", case)
+    print(report)
+    assert set(report) == {"y"} | {f"d{i}" for i in range(15)}
+    assert max(report.values()) < 1e-4, report
+
+
+def test_fast_inner_ops_registration_cpu_reference_path():
+    """The two mutating backward ops `bimamba_inner` uses: declared mutation of d_xz only, each writes its half and
+    leaves the other, fake kernels agree with the real outputs; the node's output and gradients against autograd
+    through the references (CPU reference path, fp64). (Not opcheck: its dispatch modes also see the torch.func.vjp
+    inside the CPU reference path and fail on functorch's storage-less wrappers. The compiled whole-model test in
+    test_mixer_fast_path runs these ops through functionalization.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from visionmamba.ops import fast
+
+    if fast.uses_triton("cpu"):
+        pytest.skip("TRITON_INTERPRET is set in this process")
+
+    def check_fake(op, args, real):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*[mode.from_tensor(a) for a in args])
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        real = real if isinstance(real, tuple) else (real,)
+        assert [(f.shape, f.dtype) for f in fake] == [(r.shape, r.dtype) for r in real]
+
+    for op in (torch.ops.visionmamba.bimamba_scan_bwd_xz, torch.ops.visionmamba.bimamba_conv_bwd_xz):
+        written = [a.name for a in op.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        assert written == ["d_xz"]
+    b, L, E, N = 2, 9, 8, 4
+    scan_ins = make_inputs(b, L, E, N, dtype=torch.float64)
+    grad = torch.randn(b, L, E, dtype=torch.float64)
+    d_xz = torch.zeros(b, L, 2 * E, dtype=torch.float64)
+    expected = torch.ops.visionmamba.bimamba_scan_bwd(grad, *scan_ins)
+    got = torch.ops.visionmamba.bimamba_scan_bwd_xz(grad, *scan_ins, d_xz)
+    torch.testing.assert_close(d_xz[..., E:], expected[4])
+    assert (d_xz[..., :E] == 0).all()
+    for a, r in zip(got, expected[:4] + expected[5:]):
+        torch.testing.assert_close(a, r)
+    check_fake(torch.ops.visionmamba.bimamba_scan_bwd_xz, (grad, *scan_ins, d_xz.clone()), got)
+    g = torch.Generator().manual_seed(1)
+    conv_ins = [torch.randn(b, L, E, generator=g, dtype=torch.float64)] + [
+        torch.randn(*s, generator=g, dtype=torch.float64) for s in ((E, 4), (E,), (E, 4), (E,))]
+    gf, gb = torch.randn(b, L, E, dtype=torch.float64), torch.randn(b, L, E, dtype=torch.float64)
+    dpar = torch.ops.visionmamba.bimamba_conv_bwd_xz(gf, gb, *conv_ins, d_xz)
+    dx, dpar_ref = torch.ops.visionmamba.bimamba_conv_bwd(gf, gb, *conv_ins)
+    torch.testing.assert_close(d_xz[..., :E], dx)
+    torch.testing.assert_close(d_xz[..., E:], expected[4])  # the other half untouched
+    torch.testing.assert_close(dpar, dpar_ref)
+    check_fake(torch.ops.visionmamba.bimamba_conv_bwd_xz, (gf, gb, *conv_ins, d_xz.clone()), dpar)
+    ins = [t.requires_grad_(True) for t in _inner_inputs(b, L, E, N, 3, 4)]
+    y = fast.bimamba_inner(*ins)
+    y_ref = _inner_reference(*ins)
+    torch.testing.assert_close(y, y_ref)
+    g_out = torch.randn_like(y)
+    for a, r in zip(torch.autograd.grad(y, ins, g_out), torch.autograd.grad(y_ref, ins, g_out)):
+        torch.testing.assert_close(a, r)
 
 def test_fast_module_needs_no_triton():
     """visionmamba.ops.fast imports (and its op runs, on the CPU reference path) with triton made unimportable.
@@ -305,3 +425,5 @@ if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
     _worker(sys.argv[2])
 elif __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--conv-worker":
     _conv_worker(sys.argv[2])
+elif __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--inner-worker":
+    _inner_worker(sys.argv[2])

@@ -101,24 +101,22 @@ class BiMambaMixer(nn.Module):
             return conv.bias
         return conv.weight.new_zeros(conv.weight.shape[0])
 
-    def _ssm_inputs(self, x: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, L, E) -> dt (B, L, E) before bias and softplus (both are applied inside the scan), B, C (B, L, N).
-
-        x_proj's rows [dt (R) | B (N) | C (N)] become [dt (R) | zeros | B | C] and dt_proj's columns get the same
+    def _padded_ssm_weights(self, x_proj_weight: Tensor, dt_proj_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """x_proj's rows [dt (R) | B (N) | C (N)] become [dt (R) | zeros | B | C] and dt_proj's columns get the same
         zeros, so the low-rank dt has R_pad = R rounded up to a multiple of 8 columns. In bf16 every slice of x_proj's
         output then starts on a 16-byte boundary with a 16-byte row stride, and dt_proj's inner dimension is a
         multiple of 8, so cuBLAS runs its vectorised kernels: with Vim-T's R = 12 (row stride 44) all six x_proj /
         dt_proj matmuls of a direction ran `align2` kernels, 4.3 ms (12 %) of the H200 training step. The zeros add
         exact zeros and the padded weights are built from the parameters, so outputs and gradients are unchanged.
+        Returns x_proj (R_pad + 2N, E) and dt_proj (E, R_pad) weights.
         """
-        R, N = self.dt_rank, self.d_state
+        R = self.dt_rank
         R_pad = -(-R // 8) * 8
         if R_pad != R:
             x_proj_weight = torch.cat([x_proj_weight[:R], x_proj_weight.new_zeros(R_pad - R, x_proj_weight.shape[1]),
                                        x_proj_weight[R:]])  # (R_pad + 2N, E)
             dt_proj_weight = F.pad(dt_proj_weight, (0, R_pad - R))  # (E, R_pad)
-        dt, B, C = F.linear(x, x_proj_weight).split([R_pad, N, N], dim=-1)  # (B, L, R_pad), (B, L, N) x2
-        return F.linear(dt, dt_proj_weight), B, C  # (B, L, E)
+        return x_proj_weight, dt_proj_weight
 
     def forward_fast(self, hidden_states: Tensor) -> Tensor:
         """Same maths in the (B, L, E) layout with both scans in one kernel (`ops.bimamba_scan`): no flips.
@@ -127,26 +125,35 @@ class BiMambaMixer(nn.Module):
         an anti-causal conv with the kernel reversed, so x_b, dt_b, B_b, C_b are produced without flipping, and the
         kernel scans them from the end.
 
+        With autograd (training) everything between in_proj and out_proj is one autograd node (`ops.bimamba_inner`),
+        whose backward adds and concatenates the x / z gradients inside the GEMM and kernels that produce them.
         Without autograd (inference) fewer (B, L, E) activations are held at the scan (the peak): x and z come from
         two matmuls (in_proj's row halves: the same products) so x is freed once the convs have read it, and the scan
         writes y over x_f (`ops.bimamba_scan_into_x`). At 1248 px that is 2 x 150 MB of Vim-T's peak.
         """
-        E = self.d_inner
-        training = torch.is_grad_enabled()
+        E, N = self.d_inner, self.d_state
         w, bias = self.in_proj.weight, self.in_proj.bias
-        if training:
-            x, z = F.linear(hidden_states, w, bias).split(E, dim=-1)  # (B, L, E) views of xz, unit stride along E
-        else:
-            x = F.linear(hidden_states, w[:E], None if bias is None else bias[:E])  # (B, L, E)
-            z = F.linear(hidden_states, w[E:], None if bias is None else bias[E:])  # (B, L, E)
-        # both depthwise convs + SiLU in one kernel, straight from the strided view: (B, L, E) x_f, x_b, contiguous
-        x_f, x_b = ops.bimamba_conv(x, self.conv1d.weight[:, 0], self._conv_bias(self.conv1d),
-                                    self.conv1d_b.weight[:, 0], self._conv_bias(self.conv1d_b))
-        del x  # inference: the last reference (in training the xz buffer keeps it for the conv's backward)
-        dt_f, B_f, C_f = self._ssm_inputs(x_f, self.x_proj.weight, self.dt_proj.weight)
-        dt_b, B_b, C_b = self._ssm_inputs(x_b, self.x_proj_b.weight, self.dt_proj_b.weight)
-        scan = ops.bimamba_scan if training else ops.bimamba_scan_into_x
-        y = scan(x_f, dt_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(), self.dt_proj.bias.float(),
-                 x_b, dt_b, -torch.exp(self.A_b_log.float()), B_b, C_b, self.D_b.float(), self.dt_proj_b.bias.float(),
-                 z)  # (B, L, E), already averaged and gated (inference: in x_f's buffer)
+        conv = (self.conv1d.weight[:, 0], self._conv_bias(self.conv1d), self.conv1d_b.weight[:, 0],
+                self._conv_bias(self.conv1d_b))  # (E, W), (E,) per direction
+        xw_f, dtw_f = self._padded_ssm_weights(self.x_proj.weight, self.dt_proj.weight)
+        xw_b, dtw_b = self._padded_ssm_weights(self.x_proj_b.weight, self.dt_proj_b.weight)
+        ssm_f = (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float())  # A, D, dt_bias
+        ssm_b = (-torch.exp(self.A_b_log.float()), self.D_b.float(), self.dt_proj_b.bias.float())
+        if torch.is_grad_enabled():
+            xz = F.linear(hidden_states, w, bias)  # (B, L, 2E) = [x | z]
+            y = ops.bimamba_inner(xz, *conv, xw_f, dtw_f, *ssm_f, xw_b, dtw_b, *ssm_b)  # (B, L, E)
+            return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+        x = F.linear(hidden_states, w[:E], None if bias is None else bias[:E])  # (B, L, E)
+        z = F.linear(hidden_states, w[E:], None if bias is None else bias[E:])  # (B, L, E)
+        # both depthwise convs + SiLU in one kernel: (B, L, E) x_f, x_b, contiguous
+        x_f, x_b = ops.bimamba_conv(x, *conv)
+        del x  # the last reference: freed before the scan
+        R_pad = dtw_f.shape[1]
+        dt_f, B_f, C_f = F.linear(x_f, xw_f).split([R_pad, N, N], dim=-1)  # (B, L, R_pad), (B, L, N) x2
+        dt_b, B_b, C_b = F.linear(x_b, xw_b).split([R_pad, N, N], dim=-1)
+        A_f, D_f, dt_bias_f = ssm_f
+        A_b, D_b, dt_bias_b = ssm_b
+        y = ops.bimamba_scan_into_x(x_f, F.linear(dt_f, dtw_f), A_f, B_f, C_f, D_f, dt_bias_f,
+                                    x_b, F.linear(dt_b, dtw_b), A_b, B_b, C_b, D_b, dt_bias_b,
+                                    z)  # (B, L, E), averaged and gated, in x_f's buffer
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)

@@ -29,6 +29,7 @@ __all__ = [
     "BACKENDS",
     "KernelUnavailableError",
     "bimamba_conv",
+    "bimamba_inner",
     "bimamba_scan",
     "bimamba_scan_into_x",
     "causal_conv1d",
@@ -209,6 +210,18 @@ def bimamba_conv(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) 
     from . import fast
 
     return fast.bimamba_conv(x, w_f, b_f, w_b, b_b)
+
+
+def bimamba_inner(xz: Tensor, conv_w_f: Tensor, conv_b_f: Tensor, conv_w_b: Tensor, conv_b_b: Tensor,
+                  x_proj_w_f: Tensor, dt_proj_w_f: Tensor, A_f: Tensor, D_f: Tensor, dt_bias_f: Tensor,
+                  x_proj_w_b: Tensor, dt_proj_w_b: Tensor, A_b: Tensor, D_b: Tensor, dt_bias_b: Tensor) -> Tensor:
+    """The bidirectional mixer from in_proj's output xz (B, L, 2E) to out_proj's input y (B, L, E) as one autograd
+    node: `bimamba_conv`, both directions' x_proj / dt_proj and `bimamba_scan`, with a hand-written backward (see
+    `visionmamba.ops.fast.bimamba_inner`). Triton on CUDA tensors, the PyTorch references on CPU."""
+    from . import fast
+
+    return fast.bimamba_inner(xz, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f,
+                              dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b)
 
 
 def _mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias):

@@ -288,7 +288,7 @@ def bimamba_fwd_gluon_kernel(
 
 @gluon.jit
 def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, c, L, E, b64, s_xb, s_xl, s_dtb, s_dtl, s_zb, s_zl,
-              s_gb, s_gl, e_te, e_mask_te, T: gl.constexpr, BLOCK_E: gl.constexpr, L3: gl.constexpr,
+              s_gb, s_gl, s_dzl, e_te, e_mask_te, T: gl.constexpr, BLOCK_E: gl.constexpr, L3: gl.constexpr,
               REVERSE: gl.constexpr, FIRST: gl.constexpr):
     """Per-token tiles phase 2b reads for chunk c: x, dt, z, g, the first pass's dz."""
     LTE: gl.constexpr = gl.SliceLayout(2, L3)
@@ -300,7 +300,7 @@ def _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, c, L, E, b64, s_xb, s_xl, s_d
     if FIRST:
         prev = gl.zeros((T, BLOCK_E), gl.float32, LTE)
     else:  # written by the first pass of this program (before the barrier between the passes)
-        prev = _tile(dz_ptr, b64 * L * E, t_te, E, e_te, m_te)
+        prev = _tile(dz_ptr, b64 * L * s_dzl, t_te, s_dzl, e_te, m_te)
     return x, dt, z, g, prev
 
 
@@ -370,7 +370,7 @@ def _walk(x_ptr, dt_ptr, b_ptr, c_ptr, h, c_begin, count, st_base, st_stride, st
 def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
                    dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, ck_ptr, scr_ptr,
                    b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
-                   s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_gb, s_gl,
+                   s_xb, s_xl, s_dtb, s_dtl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_gb, s_gl, s_dzl,
                    REVERSE: gl.constexpr, FIRST: gl.constexpr, T: gl.constexpr, BLOCK_E: gl.constexpr,
                    N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr, L3: gl.constexpr, LBC: gl.constexpr,
                    RL: gl.constexpr, WALK_K: gl.constexpr, L3W: gl.constexpr, RED_K: gl.constexpr):
@@ -430,7 +430,7 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
         # 2b: the chunks in reverse; per-token tiles and the entering state one chunk ahead, B and C two chunks
         # ahead (staged like the forward)
         px, pdt, pz, pg, pprev = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, c0 + nj - 1, L, E, b64, s_xb, s_xl,
-                                           s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl, e_te, e_mask_te, T, BLOCK_E, L3,
+                                           s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl, s_dzl, e_te, e_mask_te, T, BLOCK_E, L3,
                                            REVERSE, FIRST)
         ph0 = _entering_state(scr_base, nj - 1, BLOCK_E, N, L3)
         cB, cC = _bc_chunk(b_ptr, c_ptr, c0 + nj - 1, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
@@ -455,7 +455,7 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
             c_buf = c_smem.index(jj % 2)
             x, dt, z, g, prev, h0 = px, pdt, pz, pg, pprev, ph0
             px, pdt, pz, pg, pprev = _tiles_2b(x_ptr, dt_ptr, z_ptr, g_ptr, dz_ptr, c - 1, L, E, b64, s_xb, s_xl,
-                                               s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl, e_te, e_mask_te, T, BLOCK_E, L3,
+                                               s_dtb, s_dtl, s_zb, s_zl, s_gb, s_gl, s_dzl, e_te, e_mask_te, T, BLOCK_E, L3,
                                                REVERSE, FIRST)
             ph0 = _entering_state(scr_base, j - 1, BLOCK_E, N, L3)
             nB, nC = _bc_chunk(b_ptr, c_ptr, c - 2, L, b64, s_bb, s_bl, s_cb, s_cl, n_bc, T, LBC, REVERSE)
@@ -510,7 +510,8 @@ def _bwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, g_ptr,
             off_o = b64 * L * E + t_te[:, None] * E + e_te[None, :]  # contiguous (B, L, E) gradient buffers
             gl.store(dx_ptr + off_o, dxo.to(dx_ptr.dtype.element_ty), mask=m_te)
             gl.store(ddt_ptr + off_o, ddt.to(ddt_ptr.dtype.element_ty), mask=m_te)
-            gl.store(dz_ptr + off_o, (prev + dzp).to(dz_ptr.dtype.element_ty), mask=m_te)
+            off_z = b64 * L * s_dzl + t_te[:, None] * s_dzl + e_te[None, :]  # dz: rows s_dzl apart (E, or 2E in d_xz)
+            gl.store(dz_ptr + off_z, (prev + dzp).to(dz_ptr.dtype.element_ty), mask=m_te)
             # the channel sums of dB / dC once per RED_K chunks (and at the segment's last chunk): one barrier, one
             # pass of shared-memory loads and sums and one set of atomics for the group instead of one per chunk
             if (grp == RED_K - 1) | (jj == nj - 1):
@@ -565,14 +566,15 @@ def bimamba_bwd_gluon_kernel(
         ck_ptr, scr_ptr, B, L, E,
         s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl,
         s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl,
-        s_zb, s_zl, s_gb, s_gl, dzb_ptr,
+        s_zb, s_zl, s_gb, s_gl, dzb_ptr, s_dzl,
         T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, SEG: gl.constexpr, ATOMIC: gl.constexpr,
         N_L: gl.constexpr, NUM_WARPS: gl.constexpr, RL: gl.constexpr, SPLIT: gl.constexpr,
         WALK_K: gl.constexpr, RED_K: gl.constexpr):
     """`bimamba_bwd_kernel`'s contract (buffers, grid), plus: with SPLIT the grid has a third axis of 2 and the two
     directions run in separate programs (twice the programs, half as long: fewer idle SMs in the last wave); the reverse
     direction then writes its dz terms to dzb_ptr (the caller adds them) and uses the second half of the checkpoint
-    and scratch buffers. Without SPLIT one program runs both directions, the second adding to the first's dz.
+    and scratch buffers. Without SPLIT one program runs both directions, the second adding to the first's dz. dz (and
+    dzb) rows are s_dzl elements apart (E; 2E when dz is the z half of the (B, L, 2E) gradient of in_proj's output).
     BLOCK_E = (32 // N_L) * NUM_WARPS; RL = `reduce_layout(T, N, BLOCK_E, NUM_WARPS, RED_K)`."""
     gl.static_assert(BLOCK_E == (32 // N_L) * NUM_WARPS)
     gl.static_assert(N <= 32)
@@ -612,7 +614,7 @@ def bimamba_bwd_gluon_kernel(
         _bwd_pass(xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr, z_ptr, g_ptr,
                   dxf_ptr, ddtf_ptr, dz_ptr, dBf_ptr, dCf_ptr, dAf_ptr, dDf_ptr, dbiasf_ptr, ck_ptr, scr_ptr,
                   b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
-                  s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl,
+                  s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl, s_zb, s_zl, s_gb, s_gl, s_dzl,
                   False, True, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W, RED_K)
     if not SPLIT:
         _cta_barrier()  # the reverse pass adds to the forward pass's dz and reuses its shared tiles
@@ -620,7 +622,7 @@ def bimamba_bwd_gluon_kernel(
         _bwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, g_ptr,
                   dxb_ptr, ddtb_ptr, dz_rev, dBb_ptr, dCb_ptr, dAb_ptr, dDb_ptr, dbiasb_ptr, ck_rev, scr_rev,
                   b_smem, c_smem, rb_smem, rc_smem, wb_smem, pid_b, pid_e, B, L, E,
-                  s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl,
+                  s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_gb, s_gl, s_dzl,
                   True, SPLIT, T, BLOCK_E, N, SEG, ATOMIC, L3, LBC, RL, WALK_K, L3W, RED_K)
 
 
@@ -712,10 +714,10 @@ def _conv_tiles(x_ptr, gf_ptr, gb_ptr, tau, b64, L, E, s_xb, s_xl, e, em, BLOCK_
 
 @gluon.jit
 def bimamba_conv_bwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr, gb_ptr, dx_ptr, dpar_ptr,
-                                  L, E, s_xb, s_xl, ROWS,
+                                  L, E, s_xb, s_xl, s_dxl, ROWS,
                                   W: gl.constexpr, BLOCK_T: gl.constexpr, VE: gl.constexpr, NUM_WARPS: gl.constexpr):
     """Grid (channel blocks of VE * 32 * NUM_WARPS, batch, row splits of ROWS rows). x: (B, L, E) with unit stride
-    along E; g_f, g_b, dx: contiguous (B, L, E); w_*: (E, W) fp32; dpar: zeroed fp32 (2, E * W + E) = [dw (E, W) |
+    along E; g_f, g_b: contiguous (B, L, E); dx: (B, L, E) rows s_dxl apart (E, or 2E: the x half of d_xz); w_*: (E, W) fp32; dpar: zeroed fp32 (2, E * W + E) = [dw (E, W) |
     db] per direction, added to."""
     D: gl.constexpr = 3
     gl.static_assert(W <= 4)
@@ -738,7 +740,7 @@ def bimamba_conv_bwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr,
     tau0 = s0 - 2 * D
     n_tiles = gl.cdiv(s1 - s0 + 4 * D, BLOCK_T)
     nx, ngf, ngb = _conv_tiles(x_ptr, gf_ptr, gb_ptr, tau0, b64, L, E, s_xb, s_xl, e, em, BLOCK_T, LT)
-    dx_base = dx_ptr + b64 * L * E + e
+    dx_base = dx_ptr + b64 * L * s_dxl + e
     for i in range(0, n_tiles):
         tau = tau0 + i * BLOCK_T
         xt = nx.to(gl.float32)
@@ -771,7 +773,7 @@ def bimamba_conv_bwd_gluon_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, gf_ptr,
             # dx[s], s = t - D: gp_f[s + D - k] = gp_f[t - k], gp_b[s - D + k] = gp_b[t - 2D + k]
             dx = (wf0 * f0 + wf1 * f1 + wf2 * f2 + wf3 * f3) + (wb0 * g6 + wb1 * g5 + wb2 * g4 + wb3 * g3)
             s = t - D
-            gl.store(dx_base + s * E, dx.to(dx_ptr.dtype.element_ty), mask=e_mask & (s >= s0) & (s < s1))
+            gl.store(dx_base + s * s_dxl, dx.to(dx_ptr.dtype.element_ty), mask=e_mask & (s >= s0) & (s < s1))
             x6, x5, x4, x3, x2, x1 = x5, x4, x3, x2, x1, x0
             f3, f2, f1 = f2, f1, f0
             g6, g5, g4, g3, g2, g1 = g5, g4, g3, g2, g1, g0

@@ -29,6 +29,7 @@ import os
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .ref import _scan as _scan_plain  # chunked on GPUs, stepwise on CPUs; plain differentiable torch ops
@@ -38,6 +39,7 @@ __all__ = [
     "CONFIG",
     "bimamba_conv",
     "bimamba_conv_reference",
+    "bimamba_inner",
     "bimamba_scan",
     "bimamba_scan_into_x",
     "bimamba_scan_reference",
@@ -323,8 +325,9 @@ def _unpack_grads(packed: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Te
     return out + [dz]
 
 
-def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
-    """Backward Triton launch: the gradients in the packed layout (`_pack_grads`)."""
+def _bwd_launch(grad: Tensor, *inputs: Tensor, dz_out: Optional[Tensor] = None) -> list[Tensor]:
+    """Backward Triton launch: the gradients in the packed layout (`_pack_grads`). dz_out: a (B, L, E) view with unit
+    stride along E (the z half of d_xz, `bimamba_inner`) that dz is written into and returned as."""
     from . import _fast_kernels as K
 
     _check(inputs)
@@ -356,7 +359,14 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     n_seg = max(triton_cdiv(n_chunks, SEG), 1)
     n_eb = triton_cdiv(E, BE)
     dx_f, ddt_f, dx_b, ddt_b = (torch.empty((b, L, E), dtype=t.dtype, device=dev) for t in (x_f, dt_f, x_b, dt_b))
-    dz = torch.empty((b, L, E), dtype=z.dtype, device=dev)
+    dz = torch.empty((b, L, E), dtype=z.dtype, device=dev) if dz_out is None else dz_out
+    if use_gluon and dz.stride(2) == 1 and dz.stride(0) == L * dz.stride(1):
+        s_dzl = dz.stride(1)  # the Gluon backward writes dz rows this far apart
+    elif dz_out is not None:  # the Triton backward writes a contiguous dz: into a buffer, copied below
+        dz = torch.empty((b, L, E), dtype=z.dtype, device=dev)
+        s_dzl = E
+    else:
+        s_dzl = E
     # dB / dC reduce over channels: relaxed fp32 atomics into dBC when there are many channel blocks, else
     # per-channel-block partials summed into it below (deterministic); dA, dD, d dt_bias: atomics into dpar
     atomic = bool(cfg.get("atomic", n_eb > 16))
@@ -366,7 +376,7 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     if b * L * E == 0:
         for t in (dx_f, ddt_f, dx_b, ddt_b, dz, dBC):
             t.zero_()
-        return [dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar]
+        return [dx_f, ddt_f, dx_b, ddt_b, dz if dz_out is None else dz_out, dBC, dpar]  # nothing to copy
     # with split directions (separate programs) each direction has its own checkpoints and scratch, and the
     # reverse one its own dz terms, added below
     n_dir = 2 if split else 1
@@ -374,7 +384,9 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
     # states entering the chunks of one segment: B * E * min(SEG, n_chunks) * N fp32, i.e. 1/T of the
     # (B, L, E, N) state tensor when the whole sequence is one segment (L <= SEG * T)
     scr = torch.empty((n_dir * b * n_eb, min(SEG, n_chunks), BE, N), dtype=torch.float32, device=dev)
-    extra = {"dzb_ptr": torch.empty_like(dz) if split else dz} if use_gluon else {}
+    # (dzb: dz's strides, so one row stride serves both)
+    extra = {"dzb_ptr": torch.empty_strided(dz.shape, dz.stride(), dtype=dz.dtype, device=dev) if split else dz,
+             "s_dzl": s_dzl} if use_gluon else {}
     grid = (b, n_eb) if atomic else (n_eb, b)
     par = [t.view(-1) for d in range(2) for t in dpar[d].split([E * N, E, E])]  # dA, dD, dbias per direction
     kernel[grid + ((2,) if split else ())](
@@ -386,6 +398,8 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor) -> list[Tensor]:
         dz += extra["dzb_ptr"]
     if not atomic:
         torch.sum(bc, dim=1, out=dBC)
+    if dz_out is not None and dz is not dz_out:
+        dz = dz_out.copy_(dz)
     return [dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar]
 
 
@@ -516,8 +530,9 @@ def _unpack_conv_grads(packed: Sequence[Tensor], params: Sequence[Tensor]) -> li
 
 
 def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
-                     b_b: Tensor) -> list[Tensor]:
-    """Backward Triton launch of `bimamba_conv`: the packed [dx, dpar] (`_pack_conv_grads`)."""
+                     b_b: Tensor, dx_out: Optional[Tensor] = None) -> list[Tensor]:
+    """Backward Triton launch of `bimamba_conv`: the packed [dx, dpar] (`_pack_conv_grads`). dx_out: a (B, L, E) view
+    with unit stride along E (the x half of d_xz, `bimamba_inner`) that dx is written into and returned as."""
     from . import _fast_kernels as K
 
     _check_conv(x, w_f, b_f, w_b, b_b)
@@ -525,16 +540,20 @@ def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tens
     g_f, g_b = g_f.contiguous(), g_b.contiguous()
     b, L, E = x.shape
     W = w_f.shape[1]
-    dx = torch.empty((b, L, E), dtype=x.dtype, device=x.device)
     dpar = torch.zeros((2, E * W + E), dtype=torch.float32, device=x.device)
     gcfg = _gluon_conv_config("conv_bwd_gluon", x.device, E, W)
+    if (dx_out is not None and gcfg is not None and dx_out.stride(2) == 1
+            and dx_out.stride(0) == L * dx_out.stride(1)):
+        dx = dx_out  # the Gluon backward writes dx rows dx.stride(1) apart
+    else:
+        dx = torch.empty((b, L, E), dtype=x.dtype, device=x.device)
     if gcfg is not None and dx.numel() > 0:
         from . import _fast_gluon as G
 
         grid, rows = _gluon_conv_grid(gcfg, b, L, E)
         G.bimamba_conv_bwd_gluon_kernel[grid](
             x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), g_f, g_b, dx, dpar, L, E, x.stride(0),
-            x.stride(1), rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"], NUM_WARPS=gcfg["num_warps"],
+            x.stride(1), dx.stride(1), rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"], NUM_WARPS=gcfg["num_warps"],
             num_warps=gcfg["num_warps"])
     elif dx.numel() > 0:
         # two launches: gp = g * SiLU'(pre) of both directions (with dw/db), then dx from shifted gp rows
@@ -550,6 +569,8 @@ def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tens
         K.bimamba_conv_bwd_dx_kernel[(triton_cdiv(L, dcfg["BLOCK_T"]), triton_cdiv(E, dcfg["BLOCK_E"]), b)](
             gp, w_f32, w_b32, dx, b, L, E, W=W, BLOCK_T=dcfg["BLOCK_T"], BLOCK_E=dcfg["BLOCK_E"],
             num_warps=dcfg["num_warps"])
+    if dx_out is not None and dx is not dx_out:
+        dx = dx_out.copy_(dx)
     return [dx, dpar]
 
 
@@ -685,3 +706,145 @@ def bimamba_conv(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) 
     flipped back — so the backward scan reads it in reverse and no flip is ever materialised.
     """
     return torch.ops.visionmamba.bimamba_conv(x, w_f, b_f, w_b, b_b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mixer between in_proj and out_proj in one autograd node (`bimamba_inner`)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("visionmamba::bimamba_scan_bwd_xz", mutates_args=("d_xz",))
+def _bimamba_scan_bwd_xz_op(grad: Tensor, x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor,
+                            D_f: Tensor, dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor,
+                            C_b: Tensor, D_b: Tensor, dt_bias_b: Tensor, z: Tensor,
+                            d_xz: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`bimamba_scan_bwd` writing dz into d_xz[..., E:] (B, L, 2E) instead of returning it: [dx_f, ddt_f, dx_b,
+    ddt_b, dBC, dpar]."""
+    inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
+    dz_out = d_xz[..., x_f.shape[-1]:]
+    if uses_triton(x_f.device):
+        packed = _bwd_launch(grad, *inputs, dz_out=dz_out)
+    else:
+        packed = _pack_grads(_reference_backward(grad, inputs))
+        dz_out.copy_(packed[4])
+    return tuple(packed[:4] + packed[5:])  # a tuple: functionalization rejects a mutating op returning Tensor[]
+
+
+@_bimamba_scan_bwd_xz_op.register_fake
+def _(grad, x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z, d_xz):
+    (b, L, _), (E, N) = x_f.shape, A_f.shape
+    like = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x_f, dt_f, x_b, dt_b)]
+    return tuple(like + [x_f.new_empty((4, b, L, N), dtype=torch.float32),
+                         x_f.new_empty((2, E * N + 2 * E), dtype=torch.float32)])
+
+
+@torch.library.custom_op("visionmamba::bimamba_conv_bwd_xz", mutates_args=("d_xz",))
+def _bimamba_conv_bwd_xz_op(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor,
+                            b_b: Tensor, d_xz: Tensor) -> Tensor:
+    """`bimamba_conv_bwd` writing dx into d_xz[..., :E] (B, L, 2E) instead of returning it: dpar."""
+    dx_out = d_xz[..., :x.shape[-1]]
+    if uses_triton(x.device):
+        return _conv_bwd_launch(g_f, g_b, x, w_f, b_f, w_b, b_b, dx_out=dx_out)[1]
+    dx, dpar = _pack_conv_grads(_vjp_reference(bimamba_conv_reference, (g_f, g_b), (x, w_f, b_f, w_b, b_b)))
+    dx_out.copy_(dx)
+    return dpar
+
+
+@_bimamba_conv_bwd_xz_op.register_fake
+def _(g_f, g_b, x, w_f, b_f, w_b, b_b, d_xz):
+    E, W = w_f.shape
+    return x.new_empty((2, E * W + E), dtype=torch.float32)
+
+
+@torch.library.custom_op("visionmamba::addmm_into", mutates_args=("acc",))
+def _addmm_into_op(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (..., n) += a (m, k) @ b (k, n) with m = acc.numel() / n, in place: cuBLAS accumulates into acc (beta 1). A
+    functional addmm first copies acc into its output (a (B L, E) memcpy per direction and layer); an opaque in-place
+    op, which torch.compile reinplaces, does not."""
+    acc.view(-1, acc.shape[-1]).addmm_(a, b)
+
+
+@_addmm_into_op.register_fake
+def _(acc, a, b):
+    return None
+
+
+class _BiMambaInner(torch.autograd.Function):
+    """xz -> y through both convs, both directions' x_proj / dt_proj and the scan, with a hand-written backward.
+
+    Left to autograd, two sums cost a (B, L, E) or (B, L, 2E) pass each per layer: x_f (and x_b) feed both x_proj and
+    the scan, so their gradients were added by a separate kernel, and x and z are halves of in_proj's output, so their
+    gradients were concatenated (together 1.1 ms, 3.5 % of Vim-T's H200 training step). Here the x_proj dgrad GEMM
+    accumulates into the scan's dx (`addmm_into`), and the scan and conv backward kernels write dz and dx straight
+    into the two halves of one d_xz buffer. Same saved tensors as autograd's graph (xz, x_f, x_b, x_proj and dt_proj
+    outputs), the same maths; the x gradient is rounded once instead of twice in bf16."""
+
+    @staticmethod
+    def forward(ctx, xz, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f,
+                x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b):
+        E, R, N = xz.shape[-1] // 2, dt_proj_w_f.shape[1], A_f.shape[1]
+        x, z = xz[..., :E], xz[..., E:]  # (B, L, E) views, unit stride along E
+        x_f, x_b = torch.ops.visionmamba.bimamba_conv(x, conv_w_f, conv_b_f, conv_w_b, conv_b_b)
+        # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R + 2N) = [dt_low | B | C], dt (B, L, E)
+        x_dbl_f, x_dbl_b = F.linear(x_f, x_proj_w_f), F.linear(x_b, x_proj_w_b)
+        dt_f, dt_b = F.linear(x_dbl_f[..., :R], dt_proj_w_f), F.linear(x_dbl_b[..., :R], dt_proj_w_b)
+        y = torch.ops.visionmamba.bimamba_scan(
+            x_f, dt_f, A_f, x_dbl_f[..., R:R + N], x_dbl_f[..., R + N:], D_f, dt_bias_f,
+            x_b, dt_b, A_b, x_dbl_b[..., R:R + N], x_dbl_b[..., R + N:], D_b, dt_bias_b, z)
+        ctx.save_for_backward(xz, x_f, x_b, x_dbl_f, x_dbl_b, dt_f, dt_b, conv_w_f, conv_b_f, conv_w_b, conv_b_b,
+                              x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b,
+                              dt_bias_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (xz, x_f, x_b, x_dbl_f, x_dbl_b, dt_f, dt_b, conv_w_f, conv_b_f, conv_w_b, conv_b_b,
+         x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b) = ctx.saved_tensors
+        E, R, N = xz.shape[-1] // 2, dt_proj_w_f.shape[1], A_f.shape[1]
+        need = ctx.needs_input_grad
+        d_xz = torch.empty(xz.shape, dtype=xz.dtype, device=xz.device)  # (B, L, 2E) = [dx | dz]
+        dx_f, ddt_f, dx_b, ddt_b, dBC, dpar = torch.ops.visionmamba.bimamba_scan_bwd_xz(
+            grad.contiguous(), x_f, dt_f, A_f, x_dbl_f[..., R:R + N], x_dbl_f[..., R + N:], D_f, dt_bias_f,
+            x_b, dt_b, A_b, x_dbl_b[..., R:R + N], x_dbl_b[..., R + N:], D_b, dt_bias_b, xz[..., E:], d_xz)
+        out = [None] * 15
+        dx_total = []
+        for d, (dx, ddt, x_d, x_dbl, x_proj_w, dt_proj_w) in enumerate(
+                ((dx_f, ddt_f, x_f, x_dbl_f, x_proj_w_f, dt_proj_w_f),
+                 (dx_b, ddt_b, x_b, x_dbl_b, x_proj_w_b, dt_proj_w_b))):
+            cdt = x_dbl.dtype  # the matmuls' dtype in the forward (bf16 under autocast)
+            ddt2 = ddt.reshape(-1, E)  # (B L, E)
+            d_dbl = torch.cat([ddt2.to(cdt) @ dt_proj_w.to(cdt), dBC[2 * d].reshape(-1, N).to(cdt),
+                               dBC[2 * d + 1].reshape(-1, N).to(cdt)], dim=1)  # (B L, R + 2N)
+            # x_proj's dgrad added to the scan's dx by the GEMM: (B L, E)
+            torch.ops.visionmamba.addmm_into(dx, d_dbl, x_proj_w.to(cdt))
+            dx_total.append(dx)
+            base = 5 + 5 * d  # x_proj_w, dt_proj_w, A, D, dt_bias of this direction
+            if need[base]:
+                out[base] = (d_dbl.t() @ x_d.reshape(-1, E).to(cdt)).to(x_proj_w.dtype)  # (R + 2N, E)
+            if need[base + 1]:
+                out[base + 1] = (ddt2.to(cdt).t() @ x_dbl[..., :R].reshape(-1, R)).to(dt_proj_w.dtype)  # (E, R)
+            dA, dD, dbias = dpar[d].split([E * N, E, E])
+            out[base + 2], out[base + 3], out[base + 4] = dA.view(E, N), dD, dbias
+        dconv = torch.ops.visionmamba.bimamba_conv_bwd_xz(dx_total[0], dx_total[1], xz[..., :E], conv_w_f, conv_b_f,
+                                                          conv_w_b, conv_b_b, d_xz)
+        W = conv_w_f.shape[1]
+        for d in range(2):
+            dw, db = dconv[d].split([E * W, E])
+            out[1 + 2 * d], out[2 + 2 * d] = dw.view(E, W), db
+        out[0] = d_xz
+        params = (None, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f,
+                  x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b)
+        return tuple(None if not need[i] else g if p is None else g.to(p.dtype)
+                     for i, (g, p) in enumerate(zip(out, params)))
+
+
+def bimamba_inner(xz: Tensor, conv_w_f: Tensor, conv_b_f: Tensor, conv_w_b: Tensor, conv_b_b: Tensor,
+                  x_proj_w_f: Tensor, dt_proj_w_f: Tensor, A_f: Tensor, D_f: Tensor, dt_bias_f: Tensor,
+                  x_proj_w_b: Tensor, dt_proj_w_b: Tensor, A_b: Tensor, D_b: Tensor, dt_bias_b: Tensor) -> Tensor:
+    """The bidirectional mixer from in_proj's output to out_proj's input, one autograd node (`_BiMambaInner`).
+
+    xz: (B, L, 2E) = [x | z], unit stride along the last dim. conv_w_*: (E, W), conv_b_*: (E,); x_proj_w_*:
+    (R + 2N, E) producing [dt_low | B | C]; dt_proj_w_*: (E, R) (no bias: dt_bias_* is added in the scan);
+    A_*: (E, N) fp32 (-exp(A_log)); D_*, dt_bias_*: (E,) fp32. Returns y (B, L, E): both scans averaged and gated,
+    as `bimamba_scan` of `bimamba_conv`'s outputs."""
+    return _BiMambaInner.apply(xz, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f,
+                               dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b)

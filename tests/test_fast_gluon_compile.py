@@ -37,7 +37,8 @@ def _compile_sm90(fn, consts: dict, num_warps: int, maxnreg=None):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     ints = dict(B=B, L=L, E=E, s_zb=L * 2 * E, s_zl=2 * E, s_gb=L * E, s_gl=E, s_ob=L * E, s_ol=E,
-                s_xb=L * 2 * E, s_xl=2 * E, ROWS=66)  # the conv reads x as a view of the in_proj output
+                s_xb=L * 2 * E, s_xl=2 * E, ROWS=66,  # the conv reads x as a view of the in_proj output
+                s_dzl=2 * E, s_dxl=2 * E)  # and the backward kernels write dz / dx into the halves of its gradient
     for d in ("f", "b"):
         ints.update({f"s_x{d}b": L * E, f"s_x{d}l": E, f"s_dt{d}b": L * E, f"s_dt{d}l": E,
                      f"s_B{d}b": L * (R + 2 * N), f"s_B{d}l": R + 2 * N, f"s_C{d}b": L * (R + 2 * N),

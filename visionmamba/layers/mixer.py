@@ -115,7 +115,10 @@ class BiMambaMixer(nn.Module):
         if R_pad != R:
             x_proj_weight = torch.cat([x_proj_weight[:R], x_proj_weight.new_zeros(R_pad - R, x_proj_weight.shape[1]),
                                        x_proj_weight[R:]])  # (R_pad + 2N, E)
-            dt_proj_weight = F.pad(dt_proj_weight, (0, R_pad - R))  # (E, R_pad)
+            # (E, R_pad), stored as its transpose (R_pad, E): with that layout cuBLAS picks faster kernels for
+            # dt_proj's forward (x @ W^T) and dgrad (g @ W): 17.7 against 19.2 us per layer and direction together
+            # (H200, Vim-T, B 128; 0.07 ms of the compiled training step)
+            dt_proj_weight = F.pad(dt_proj_weight.t(), (0, 0, 0, R_pad - R)).t()
         return x_proj_weight, dt_proj_weight
 
     def forward_fast(self, hidden_states: Tensor) -> Tensor:

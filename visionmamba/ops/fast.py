@@ -17,6 +17,11 @@ The op is `torch.ops.visionmamba.bimamba_scan` (a `torch.library.custom_op` with
 `torch.compile` keeps it as one node); its backward is `torch.ops.visionmamba.bimamba_scan_bwd`, one more Triton launch
 that recomputes instead of storing intermediates (kernel design: `visionmamba/ops/_fast_kernels.py`).
 
+The mixer's training path uses `bimamba_inner` instead: the convs (`bimamba_conv`), both directions' x_proj / dt_proj
+and the scan as one autograd node from in_proj's output xz (B, L, 2E) to y, whose hand-written backward lets the
+x_proj dgrad GEMM accumulate into the scan's dx and has the scan and conv backward kernels write dz and dx into the
+two halves of one d_xz buffer (no add and no cat kernels).
+
 Where it runs: CUDA tensors -> Triton kernels; CPU tensors with ``TRITON_INTERPRET=1`` -> the same Triton kernels in
 Triton's interpreter (tests); other CPU tensors -> `bimamba_scan_reference` (pure PyTorch). Triton is imported only
 when a kernel is launched, never by ``import visionmamba``.

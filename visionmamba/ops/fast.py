@@ -364,14 +364,11 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor, dz_out: Optional[Tensor] = None) 
     n_seg = max(triton_cdiv(n_chunks, SEG), 1)
     n_eb = triton_cdiv(E, BE)
     dx_f, ddt_f, dx_b, ddt_b = (torch.empty((b, L, E), dtype=t.dtype, device=dev) for t in (x_f, dt_f, x_b, dt_b))
-    dz = torch.empty((b, L, E), dtype=z.dtype, device=dev) if dz_out is None else dz_out
-    if use_gluon and dz.stride(2) == 1 and dz.stride(0) == L * dz.stride(1):
-        s_dzl = dz.stride(1)  # the Gluon backward writes dz rows this far apart
-    elif dz_out is not None:  # the Triton backward writes a contiguous dz: into a buffer, copied below
+    if dz_out is not None and use_gluon and dz_out.stride(2) == 1 and dz_out.stride(0) == L * dz_out.stride(1):
+        dz = dz_out  # the Gluon backward writes dz rows dz.stride(1) apart
+    else:  # contiguous (the Triton backward's layout), copied into dz_out below if there is one
         dz = torch.empty((b, L, E), dtype=z.dtype, device=dev)
-        s_dzl = E
-    else:
-        s_dzl = E
+    s_dzl = dz.stride(1)
     # dB / dC reduce over channels: relaxed fp32 atomics into dBC when there are many channel blocks, else
     # per-channel-block partials summed into it below (deterministic); dA, dD, d dt_bias: atomics into dpar
     atomic = bool(cfg.get("atomic", n_eb > 16))
@@ -558,8 +555,8 @@ def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tens
         grid, rows = _gluon_conv_grid(gcfg, b, L, E)
         G.bimamba_conv_bwd_gluon_kernel[grid](
             x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), g_f, g_b, dx, dpar, L, E, x.stride(0),
-            x.stride(1), dx.stride(1), rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"], NUM_WARPS=gcfg["num_warps"],
-            num_warps=gcfg["num_warps"])
+            x.stride(1), dx.stride(1), rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"],
+            NUM_WARPS=gcfg["num_warps"], num_warps=gcfg["num_warps"])
     elif dx.numel() > 0:
         # two launches: gp = g * SiLU'(pre) of both directions (with dw/db), then dx from shifted gp rows
         gp_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32

@@ -118,3 +118,36 @@ def test_scan_into_x_writes_the_scan_output_over_x_f():
     out = ops.bimamba_scan_into_x(*ins)
     assert out is x_f
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # the recording test backend's, harmless
+def test_compiled_training_mixer_backward_is_the_fused_graph(fast_path_on_cpu):
+    """Under torch.compile the training mixer's backward keeps the one-node design: the scan and conv backward ops
+    writing into d_xz, the x_proj dgrads through the opaque in-place `addmm_into` (a traced ``addmm_`` would be
+    functionalized into addmm + a copy of dx), no add of two x gradients and no cat of the x / z gradients."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch.manual_seed(0)
+    mixer = create_model("vim_test", num_classes=5, kernel_backend="fast").layers[1].mixer
+    h = torch.randn(2, 19, 64, requires_grad=True)
+    backend = AotEagerAndRecordGraphs()
+    torch._dynamo.reset()
+    compiled = torch.compile(mixer, backend=backend, fullgraph=True)
+    compiled(h).square().sum().backward()
+    (bw,) = backend.bw_graphs
+    # mutating custom ops appear functionalized: auto_functionalized_v2(op, ...)
+    targets = [str(n.args[0] if "auto_functionalized" in str(n.target) else n.target)
+               for n in bw.graph.nodes if n.op == "call_function"]
+    count = lambda name: sum(name in t for t in targets)  # noqa: E731
+    assert count("visionmamba.bimamba_scan_bwd_xz") == 1 and count("visionmamba.bimamba_conv_bwd_xz") == 1
+    assert count("visionmamba.addmm_into") == 2
+    assert count("aten.addmm") == 0 and count("aten.copy") == 0
+    assert count("aten.cat") == 2  # the two (B L, R + 2N) d_x_dbl, nothing (B, L, 2E) wide
+    grads = {n: p.grad for n, p in mixer.named_parameters()}
+    h_grad = h.grad.clone()
+    mixer.zero_grad()
+    h.grad = None
+    mixer(h).square().sum().backward()  # eager: addmm_ directly
+    torch.testing.assert_close(h.grad, h_grad)
+    for n, p in mixer.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)

@@ -770,13 +770,23 @@ def _(acc, a, b):
     return None
 
 
+def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place: through the opaque op when torch.compile traces (where a plain ``addmm_`` would be
+    functionalized into addmm + copy), directly otherwise (the custom op's dispatch costs ~30 us of CPU per call, which
+    an eager, launch-bound step would pay twice per layer)."""
+    if torch.compiler.is_compiling():
+        torch.ops.visionmamba.addmm_into(acc, a, b)
+    else:
+        acc.view(-1, acc.shape[-1]).addmm_(a, b)
+
+
 class _BiMambaInner(torch.autograd.Function):
     """xz -> y through both convs, both directions' x_proj / dt_proj and the scan, with a hand-written backward.
 
     Left to autograd, two sums cost a (B, L, E) or (B, L, 2E) pass each per layer: x_f (and x_b) feed both x_proj and
     the scan, so their gradients were added by a separate kernel, and x and z are halves of in_proj's output, so their
     gradients were concatenated (together 1.1 ms, 3.5 % of Vim-T's H200 training step). Here the x_proj dgrad GEMM
-    accumulates into the scan's dx (`addmm_into`), and the scan and conv backward kernels write dz and dx straight
+    accumulates into the scan's dx (`_addmm_into`), and the scan and conv backward kernels write dz and dx straight
     into the two halves of one d_xz buffer. Same saved tensors as autograd's graph (xz, x_f, x_b, x_proj and dt_proj
     outputs), the same maths; the x gradient is rounded once instead of twice in bf16."""
 
@@ -817,7 +827,7 @@ class _BiMambaInner(torch.autograd.Function):
             d_dbl = torch.cat([ddt2.to(cdt) @ dt_proj_w.to(cdt), dBC[2 * d].reshape(-1, N).to(cdt),
                                dBC[2 * d + 1].reshape(-1, N).to(cdt)], dim=1)  # (B L, R + 2N)
             # x_proj's dgrad added to the scan's dx by the GEMM: (B L, E)
-            torch.ops.visionmamba.addmm_into(dx, d_dbl, x_proj_w.to(cdt))
+            _addmm_into(dx, d_dbl, x_proj_w.to(cdt))
             dx_total.append(dx)
             base = 5 + 5 * d  # x_proj_w, dt_proj_w, A, D, dt_bias of this direction
             if need[base]:

@@ -780,6 +780,14 @@ def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.view(-1, acc.shape[-1]).addmm_(a, b)
 
 
+def _inner_scan_inputs(R: int, N: int, z: Tensor, x_f: Tensor, dt_f: Tensor, x_dbl_f: Tensor, A_f: Tensor,
+                       D_f: Tensor, dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, x_dbl_b: Tensor, A_b: Tensor,
+                       D_b: Tensor, dt_bias_b: Tensor) -> tuple[Tensor, ...]:
+    """`bimamba_scan`'s 15 inputs in `_BiMambaInner`: B and C are column slices of x_dbl = [dt_low (R) | B | C]."""
+    return (x_f, dt_f, A_f, x_dbl_f[..., R:R + N], x_dbl_f[..., R + N:], D_f, dt_bias_f,
+            x_b, dt_b, A_b, x_dbl_b[..., R:R + N], x_dbl_b[..., R + N:], D_b, dt_bias_b, z)
+
+
 class _BiMambaInner(torch.autograd.Function):
     """xz -> y through both convs, both directions' x_proj / dt_proj and the scan, with a hand-written backward.
 
@@ -799,9 +807,8 @@ class _BiMambaInner(torch.autograd.Function):
         # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R + 2N) = [dt_low | B | C], dt (B, L, E)
         x_dbl_f, x_dbl_b = F.linear(x_f, x_proj_w_f), F.linear(x_b, x_proj_w_b)
         dt_f, dt_b = F.linear(x_dbl_f[..., :R], dt_proj_w_f), F.linear(x_dbl_b[..., :R], dt_proj_w_b)
-        y = torch.ops.visionmamba.bimamba_scan(
-            x_f, dt_f, A_f, x_dbl_f[..., R:R + N], x_dbl_f[..., R + N:], D_f, dt_bias_f,
-            x_b, dt_b, A_b, x_dbl_b[..., R:R + N], x_dbl_b[..., R + N:], D_b, dt_bias_b, z)
+        y = torch.ops.visionmamba.bimamba_scan(*_inner_scan_inputs(R, N, z, x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
+                                                                   x_b, dt_b, x_dbl_b, A_b, D_b, dt_bias_b))
         ctx.save_for_backward(xz, x_f, x_b, x_dbl_f, x_dbl_b, dt_f, dt_b, conv_w_f, conv_b_f, conv_w_b, conv_b_b,
                               x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b,
                               dt_bias_b)
@@ -813,19 +820,21 @@ class _BiMambaInner(torch.autograd.Function):
          x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b) = ctx.saved_tensors
         E, R, N = xz.shape[-1] // 2, dt_proj_w_f.shape[1], A_f.shape[1]
         need = ctx.needs_input_grad
+        scan_inputs = _inner_scan_inputs(R, N, xz[..., E:], x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
+                                         x_b, dt_b, x_dbl_b, A_b, D_b, dt_bias_b)
         d_xz = torch.empty(xz.shape, dtype=xz.dtype, device=xz.device)  # (B, L, 2E) = [dx | dz]
         dx_f, ddt_f, dx_b, ddt_b, dBC, dpar = torch.ops.visionmamba.bimamba_scan_bwd_xz(
-            grad.contiguous(), x_f, dt_f, A_f, x_dbl_f[..., R:R + N], x_dbl_f[..., R + N:], D_f, dt_bias_f,
-            x_b, dt_b, A_b, x_dbl_b[..., R:R + N], x_dbl_b[..., R + N:], D_b, dt_bias_b, xz[..., E:], d_xz)
+            grad.contiguous(), *scan_inputs, d_xz)
+        # per direction [dx, ddt, dA, dB, dC, dD, d dt_bias] in the inputs' dtypes (dz is already in d_xz)
+        scan_grads = _unpack_grads([dx_f, ddt_f, dx_b, ddt_b, None, dBC, dpar], scan_inputs)
         out = [None] * 15
         dx_total = []
-        for d, (dx, ddt, x_d, x_dbl, x_proj_w, dt_proj_w) in enumerate(
-                ((dx_f, ddt_f, x_f, x_dbl_f, x_proj_w_f, dt_proj_w_f),
-                 (dx_b, ddt_b, x_b, x_dbl_b, x_proj_w_b, dt_proj_w_b))):
-            cdt = x_dbl.dtype  # the matmuls' dtype in the forward (bf16 under autocast)
-            ddt2 = ddt.reshape(-1, E)  # (B L, E)
-            d_dbl = torch.cat([ddt2.to(cdt) @ dt_proj_w.to(cdt), dBC[2 * d].reshape(-1, N).to(cdt),
-                               dBC[2 * d + 1].reshape(-1, N).to(cdt)], dim=1)  # (B L, R + 2N)
+        for d, (x_d, x_dbl, x_proj_w, dt_proj_w) in enumerate(((x_f, x_dbl_f, x_proj_w_f, dt_proj_w_f),
+                                                               (x_b, x_dbl_b, x_proj_w_b, dt_proj_w_b))):
+            dx, ddt, dA, dB, dC, dD, dbias = scan_grads[7 * d:7 * d + 7]
+            cdt = x_dbl.dtype  # the matmuls' dtype in the forward (bf16 under autocast; also dB's and dC's)
+            ddt2 = ddt.reshape(-1, E).to(cdt)  # (B L, E)
+            d_dbl = torch.cat([ddt2 @ dt_proj_w.to(cdt), dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)  # (B L, R + 2N)
             # x_proj's dgrad added to the scan's dx by the GEMM: (B L, E)
             _addmm_into(dx, d_dbl, x_proj_w.to(cdt))
             dx_total.append(dx)
@@ -833,20 +842,12 @@ class _BiMambaInner(torch.autograd.Function):
             if need[base]:
                 out[base] = (d_dbl.t() @ x_d.reshape(-1, E).to(cdt)).to(x_proj_w.dtype)  # (R + 2N, E)
             if need[base + 1]:
-                out[base + 1] = (ddt2.to(cdt).t() @ x_dbl[..., :R].reshape(-1, R)).to(dt_proj_w.dtype)  # (E, R)
-            dA, dD, dbias = dpar[d].split([E * N, E, E])
-            out[base + 2], out[base + 3], out[base + 4] = dA.view(E, N), dD, dbias
+                out[base + 1] = (ddt2.t() @ x_dbl[..., :R].reshape(-1, R)).to(dt_proj_w.dtype)  # (E, R)
+            out[base + 2], out[base + 3], out[base + 4] = dA, dD, dbias
         dconv = torch.ops.visionmamba.bimamba_conv_bwd_xz(dx_total[0], dx_total[1], xz[..., :E], conv_w_f, conv_b_f,
                                                           conv_w_b, conv_b_b, d_xz)
-        W = conv_w_f.shape[1]
-        for d in range(2):
-            dw, db = dconv[d].split([E * W, E])
-            out[1 + 2 * d], out[2 + 2 * d] = dw.view(E, W), db
-        out[0] = d_xz
-        params = (None, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f,
-                  x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b)
-        return tuple(None if not need[i] else g if p is None else g.to(p.dtype)
-                     for i, (g, p) in enumerate(zip(out, params)))
+        out[:5] = [d_xz] + _unpack_conv_grads([None, dconv], (conv_w_f, conv_b_f, conv_w_b, conv_b_b))[1:]
+        return tuple(g if need[i] else None for i, g in enumerate(out))
 
 
 def bimamba_inner(xz: Tensor, conv_w_f: Tensor, conv_b_f: Tensor, conv_w_b: Tensor, conv_b_b: Tensor,

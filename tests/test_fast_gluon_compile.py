@@ -62,29 +62,38 @@ def _compile_sm90(fn, consts: dict, num_warps: int, maxnreg=None):
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
 @pytest.mark.parametrize("entry", [0, 1], ids=["E384", "E768"])
-def test_gluon_backward_compiles_for_sm90_without_layout_conversions(entry):
+def test_gluon_backward_compiles_for_sm90_with_per_lane_rows(entry):
     """Both configured backward variants (2 lanes per state with a register cap, 1 lane), the first with both
     directions in each program (batch 128), the second with the directions in separate programs (small batches).
-    No layout conversion that moves data."""
+    With the state over N_L = 2 lanes each lane does the per-(token, channel) work of its own rows (one softplus per
+    lane and T / N_L rows), and the only data-moving conversions are the token tiles that cross between those rows
+    and the state layout; with whole states per thread there are none."""
     from visionmamba.ops import _fast_gluon as G
     from visionmamba.ops import fast
 
     cfg = fast._config("bwd_gluon", (E, 2 * E)[entry])
-    block_e = (32 // cfg["N_L"]) * cfg["num_warps"]
-    consts = dict(T=cfg["T"], BLOCK_E=block_e, N=N, SEG=cfg["seg"], ATOMIC=False, N_L=cfg["N_L"],
+    n_l, T, W = cfg["N_L"], cfg["T"], cfg.get("walk_k", 4) * cfg["T"]
+    assert (n_l, T) == ((2, 2), (1, 2))[entry]
+    block_e = (32 // n_l) * cfg["num_warps"]
+    consts = dict(T=T, BLOCK_E=block_e, N=N, SEG=cfg["seg"], ATOMIC=False, N_L=n_l,
                   NUM_WARPS=cfg["num_warps"], SPLIT=bool(entry), WALK_K=cfg.get("walk_k", 4),
                   RED_K=1 if entry else cfg.get("red_k", 1),
-                  RL=G.reduce_layout(cfg["T"], N, block_e, cfg["num_warps"], 1 if entry else cfg.get("red_k", 1)))
+                  RL=G.reduce_layout(T, N, block_e, cfg["num_warps"], 1 if entry else cfg.get("red_k", 1)))
     kernel = _compile_sm90(G.bimamba_bwd_gluon_kernel, consts, cfg["num_warps"], maxnreg=cfg.get("maxnreg"))
-    ttgir = kernel.asm["ttgir"]
-    # the only conversions are the walks' between L3 and its K-chunk twin, whose (BLOCK_E, N) state tiles and
-    # (BLOCK_E,) channel vectors sit in the same registers: the source asks for assert_trivial, so the compile above
-    # fails on one that moves data; no (T, ...) token tile is ever converted
-    conversions = [line for line in ttgir.splitlines() if "ttg.convert_layout" in line]
-    assert conversions and all(f"tensor<{block_e}x" in c for c in conversions)
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    conversions = [line for line in ttgir.splitlines() if "= ttg.convert_layout" in line]
+    # (BLOCK_E, N) state tiles and (BLOCK_E,) channel vectors between L3 and the walks' K-chunk twin sit in the same
+    # registers (the source asks for assert_trivial, so the compile above fails on one that moves data)
+    token_tiles = [c for c in conversions if f"tensor<{T}x{block_e}x" in c or f"tensor<{W}x{block_e}x" in c]
+    assert all(f"tensor<{block_e}x" in c for c in conversions if c not in token_tiles)
+    # per direction: the walks' Δ and Δx (phase 1 and 2a), 2b's Δ, Δx, gy to the state layout and y, s1, s2 back
+    assert len(token_tiles) == (2 * (2 + 2 + 6), 0)[entry], token_tiles
     source = Path(G.__file__).read_text()
-    # (plus the forward's `_lanes`, which moves data only with the state spread over lanes)
+    # (plus `_lanes`, which moves data only with the state spread over lanes)
     assert source.count("gl.convert_layout(") == source.count("assert_trivial=True)") + 1
+    # softplus per direction: W / N_L rows per lane in each walk, T / N_L in 2b
+    assert ptx.count("lg2.approx") == 2 * (2 * W + T) // n_l
+    assert ".local" not in ptx or cfg.get("maxnreg")
     # the kernel is really there: per direction, the sums over the state (y, dx, dΔ), over the chunk's tokens (dD,
     # d dt_bias) and the shared-memory channel sums (dB, dC)
     assert ttgir.count("tt.reduce") >= 14

@@ -356,6 +356,7 @@ def bench(out_dir=None, configs=None, shapes=((128, 197, 384), (128, 197, 768)),
                      else f"seg={cfg.get('seg')} atomic={cfg.get('atomic', 'auto')} split={cfg.get('split', False)}")
             extra += f" maxnreg={cfg['maxnreg']}" if cfg.get("maxnreg") else ""
             extra += f" walk_k={cfg['walk_k']}" if cfg.get("walk_k") else ""
+            extra += f" red_k={cfg['red_k']}" if cfg.get("red_k") else ""
             shape = (f"N_L={cfg['N_L']}" if kind == "bwd_gluon" else f"E_T={cfg['E_T']} N_L={cfg.get('N_L', 1)}"
                      if kind == "fwd_gluon" else f"BE={cfg['BLOCK_E']} ns={cfg.get('num_stages', 1)}")
             sweep[f"{kind} T={cfg['T']} {shape} nw={cfg['num_warps']} {extra}"] = t
@@ -426,7 +427,7 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     sweep_cfgs = []
     if "--sweep" in sys.argv:
         # kind,T,BLOCK_E,warps,stages,extra (Triton kernels),
-        # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k]]]] or fwd_gluon,T,E_T,warps[,N_L]
+        # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k[:red_k]]]]] or fwd_gluon,T,E_T,warps[,N_L]
         for spec in sys.argv[sys.argv.index("--sweep") + 1].split(";"):
             if spec.startswith("fwd_gluon,"):  # fwd_gluon,T,E_T,warps[,N_L]
                 _, T, e_t, nw, n_l = (spec.split(",") + ["1"])[:5]
@@ -438,14 +439,15 @@ if __name__ == "__main__" and "--bench" in sys.argv:
                 sweep_cfgs.append(("conv_bwd_gluon", dict(BLOCK_T=int(bt), VE=int(ve), num_warps=int(nw),
                                                           min_programs=int(mp), min_rows=int(mr))))
                 continue
-            if spec.startswith("bwd_gluon,"):  # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k]]]]
+            if spec.startswith("bwd_gluon,"):  # bwd_gluon,T,N_L,warps,seg[:atomic[:maxnreg[:split[:walk_k[:red_k]]]]]
                 _, T, n_l, nw, extra = spec.split(",")
-                seg, atomic, maxnreg, split, walk_k = (extra.split(":") + [""] * 4)[:5]
+                seg, atomic, maxnreg, split, walk_k, red_k = (extra.split(":") + [""] * 5)[:6]
                 sweep_cfgs.append(("bwd_gluon", dict(T=int(T), N_L=int(n_l), num_warps=int(nw), seg=int(seg),
                                                      **({"atomic": bool(int(atomic))} if atomic else {}),
                                                      **({"maxnreg": int(maxnreg)} if maxnreg else {}),
                                                      **({"split": bool(int(split))} if split else {}),
-                                                     **({"walk_k": int(walk_k)} if walk_k else {}))))
+                                                     **({"walk_k": int(walk_k)} if walk_k else {}),
+                                                     **({"red_k": int(red_k)} if red_k else {}))))
                 continue
             kind, T, BE, nw, ns, extra = spec.split(",")
             cfg = dict(T=int(T), BLOCK_E=int(BE), num_warps=int(nw), num_stages=int(ns))

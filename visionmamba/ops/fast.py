@@ -92,7 +92,9 @@ CONFIG = {
     # chunks whose dB / dC channel sums 2b takes together, one barrier, shared-memory pass and set of atomics per
     # group (H200, backward kernel: B 128, L 197, E 384 / 768: red_k 2 0.745 / 1.473 ms, 1 0.775 / 1.494; B 32, L
     # 6085, E 384, split: 2 8.96, 1 8.62 ms; red_k 4: 0.83 / 1.81; red_k 2 with maxnreg 160: 0.745, 176: 0.813 at E 384;
-    # dropping the channel sums altogether: 0.70 ms at E 384, so they cost ~10 %)
+    # dropping the channel sums altogether: 0.70 ms at E 384, so they cost ~10 %). With each lane doing the per-token
+    # work of its own rows (N_L 2): 0.733 ms at E 384, 6.86 at B 32, L 6085 (8.10 before); maxnreg 160 0.778, 176
+    # 0.844, 192 0.856 (docs/results/fast_scan_gluon_bwd_lanes_h200.txt)
     "bwd_gluon": [dict(max_e=512, T=2, N_L=2, num_warps=1, seg=128, split_below=2048, maxnreg=168, walk_k=4, red_k=2),
                   dict(max_e=1 << 30, T=2, N_L=1, num_warps=1, seg=128, split_below=2048, walk_k=4, red_k=2)],
     # the Gluon forward (`_fast_gluon`): each thread owns E_T channels' whole states (BLOCK_E = E_T * 32 * num_warps),

@@ -239,6 +239,33 @@ def _inner_worker(case_json: str) -> None:
     print("RESULT " + json.dumps(report))
 
 
+def _dt_proj_worker(case_json: str) -> None:
+    """Both dt_proj kernels (forward, and backward reading ddt once) against the matmuls, fp32: rows not a multiple of
+    the row tile, R padded to the 16-wide dot, dt_low a column slice of x_proj's output, W stored transposed."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from visionmamba.ops import fast
+
+    M, E, R, K = json.loads(case_json)
+    fast.CONFIG["dt_proj_fwd"] = [dict(max_e=1 << 30, BM=16, BE=32, num_warps=1, BM_fp32=16)]
+    fast.CONFIG["dt_proj_bwd"] = [dict(max_e=1 << 30, BM=16, BE=32, num_warps=1, BM_fp32=16)]
+    g = torch.Generator().manual_seed(M)
+    dbl = [torch.randn(M, K, generator=g) for _ in range(2)]
+    a = [d[:, :R] for d in dbl]
+    w = [torch.randn(R, E, generator=g).t() for _ in range(2)]
+    gy = [torch.randn(M, E, generator=g) for _ in range(2)]
+    rel = lambda x, r: ((x - r).abs().max() / r.abs().max()).item()  # noqa: E731
+    out = fast.dt_proj_fwd_triton(a[0], w[0], a[1], w[1])
+    d_dbl = torch.full((2, M, K), 7.0)
+    dw = fast.dt_proj_bwd_triton(gy[0], a[0], w[0], gy[1], a[1], w[1], d_dbl[0][:, :R], d_dbl[1][:, :R])
+    report = {}
+    for d in range(2):
+        report[f"dt{d}"] = rel(out[d], a[d] @ w[d].t())
+        report[f"d_dt_low{d}"] = rel(d_dbl[d][:, :R], gy[d] @ w[d])
+        report[f"dw{d}"] = rel(dw[d], gy[d].t() @ a[d])
+        report[f"untouched{d}"] = float((d_dbl[d][:, R:] != 7.0).sum())
+    print("RESULT " + json.dumps(report))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------------------
@@ -421,9 +448,41 @@ def test_fast_op_compiles_without_graph_break():
         torch.testing.assert_close(a.grad, r.grad)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", [(70, 96, 12, 44), (33, 40, 24, 56)], ids=["R12", "R24"])
+def test_fast_dt_proj_interpreter_matches_matmuls(case):
+    report = _run_worker("--dt-proj-worker", list(case))
+    print(report)
+    assert all(report[f"untouched{d}"] == 0 for d in range(2)), report  # only the dt_low columns are written
+    assert max(v for k, v in report.items() if not k.startswith("untouched")) < 1e-5, report
+
+
+def test_fast_dt_proj_cpu_path_is_the_matmuls():
+    """Off CUDA, `dt_proj` and its backward are the F.linear / matmul products autograd would run (bit-equal)."""
+    from visionmamba.ops import fast
+
+    g = torch.Generator().manual_seed(0)
+    dbl = [torch.randn(2, 5, 40, generator=g) for _ in range(2)]
+    a = [d[..., :8] for d in dbl]
+    w = [torch.randn(24, 8, generator=g, requires_grad=True) for _ in range(2)]
+    with torch.no_grad():
+        out = fast.dt_proj(a[0], w[0], a[1], w[1])
+    gy = [torch.randn(10, 24, generator=g) for _ in range(2)]
+    da_f, da_b, dw_f, dw_b = fast._dt_proj_backward(gy[0], a[0], w[0], gy[1], a[1], w[1])
+    for d, (da, dw) in enumerate(((da_f, dw_f), (da_b, dw_b))):
+        leaf = a[d].detach().requires_grad_(True)
+        ref = torch.nn.functional.linear(leaf, w[d])
+        assert torch.equal(out[d], ref.detach())
+        ref_da, ref_dw = torch.autograd.grad(ref, (leaf, w[d]), gy[d].view(2, 5, 24))
+        torch.testing.assert_close(da.view(2, 5, 8), ref_da, rtol=0, atol=0)
+        torch.testing.assert_close(dw, ref_dw, rtol=1e-6, atol=1e-6)
+
+
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
     _worker(sys.argv[2])
 elif __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--conv-worker":
     _conv_worker(sys.argv[2])
 elif __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--inner-worker":
     _inner_worker(sys.argv[2])
+elif __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--dt-proj-worker":
+    _dt_proj_worker(sys.argv[2])

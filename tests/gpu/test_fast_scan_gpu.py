@@ -230,10 +230,37 @@ def test_fast_inner_matches_unfused_composition(b, L, E, kernels):
     ref_leaves = [t.clone().requires_grad_(True) for t in ins]
     y_ref = unfused(*ref_leaves)
     grads_ref = torch.autograd.grad(y_ref, ref_leaves, gy)
-    assert torch.equal(y, y_ref)  # the same kernels and matmuls in the forward
+    # the same kernels and matmuls in the forward, except dt_proj (one Triton launch for both directions instead of
+    # two cuBLAS products: another summation order)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for i, (a, ref) in enumerate(zip(grads, grads_ref)):
         err = ((a - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-5, (i, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("R", [12, 16, 24, 48])
+def test_fast_dt_proj_kernels_match_matmuls(R, dtype):
+    """`dt_proj` (both directions in one launch) and its backward (d dt_low into a column slice, dW in fp32) against
+    the cuBLAS products, dt_low a column slice of x_proj's output and W (fp32 parameter) stored transposed."""
+    M, E, N = 128 * 197 + 3, 384, 16
+    g = torch.Generator(device="cpu").manual_seed(R)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    dbl = [r(M, R + 2 * N).to(dtype) for _ in range(2)]
+    a = [d[:, :R] for d in dbl]
+    w = [r(R, E).t() * R ** -0.5 for _ in range(2)]
+    gy = [r(M, E).to(dtype) for _ in range(2)]
+    out = fast.dt_proj(a[0], w[0], a[1], w[1])
+    da_f, da_b, dw_f, dw_b = fast._dt_proj_backward(gy[0], a[0], w[0], gy[1], a[1], w[1])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for d, (da, dw) in enumerate(((da_f, dw_f), (da_b, dw_b))):
+        assert out[d].dtype == da.dtype == dtype and dw.dtype == torch.float32 and dw.shape == (E, R)
+        ref = a[d].float() @ w[d].to(dtype).float().t()
+        assert ((out[d].float() - ref).abs().max() / ref.abs().max()).item() < tol
+        ref = gy[d].float() @ w[d].to(dtype).float()
+        assert ((da.float() - ref).abs().max() / ref.abs().max()).item() < tol
+        ref = gy[d].float().t() @ a[d].float()
+        assert ((dw - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 sums of the same products
 
 
 def test_fast_scan_poisoned_outputs_fully_written():

@@ -156,7 +156,7 @@ class BiMambaMixer(nn.Module):
         dt_b, B_b, C_b = F.linear(x_b, xw_b).split([R_pad, N, N], dim=-1)
         A_f, D_f, dt_bias_f = ssm_f
         A_b, D_b, dt_bias_b = ssm_b
-        y = ops.bimamba_scan_into_x(x_f, F.linear(dt_f, dtw_f), A_f, B_f, C_f, D_f, dt_bias_f,
-                                    x_b, F.linear(dt_b, dtw_b), A_b, B_b, C_b, D_b, dt_bias_b,
+        dt_f, dt_b = ops.dt_proj(dt_f, dtw_f, dt_b, dtw_b)  # (B, L, E) each, one launch on CUDA
+        y = ops.bimamba_scan_into_x(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b,
                                     z)  # (B, L, E), averaged and gated, in x_f's buffer
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)

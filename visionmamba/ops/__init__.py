@@ -34,6 +34,7 @@ __all__ = [
     "bimamba_scan_into_x",
     "causal_conv1d",
     "cuda_kernels_available",
+    "dt_proj",
     "get_default_backend",
     "mamba_inner_no_out_proj",
     "resolve_backend",
@@ -210,6 +211,14 @@ def bimamba_conv(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tensor) 
     from . import fast
 
     return fast.bimamba_conv(x, w_f, b_f, w_b, b_b)
+
+
+def dt_proj(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both directions' dt = F.linear(dt_low, W) without autograd (see `visionmamba.ops.fast.dt_proj`): one Triton
+    launch on CUDA tensors, F.linear on CPU."""
+    from . import fast
+
+    return fast.dt_proj(a_f, w_f, a_b, w_b)
 
 
 def bimamba_inner(xz: Tensor, conv_w_f: Tensor, conv_b_f: Tensor, conv_w_b: Tensor, conv_b_b: Tensor,

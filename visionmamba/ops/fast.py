@@ -131,6 +131,13 @@ CONFIG = {
     # 0.070 / 0.086 / 1.28; the two Triton kernels 0.187 / 0.306 / 2.00)
     "conv_bwd_gluon": [dict(max_e=512, BLOCK_T=8, VE=1, num_warps=1, min_programs=2048, min_rows=48),
                        dict(max_e=1 << 30, BLOCK_T=8, VE=2, num_warps=1, min_programs=2048, min_rows=48)],
+    # dt_proj (`dt_proj_fwd_triton` / `dt_proj_bwd_triton`): rows x channels per program
+    # (BM_fp32: the row tile for fp32 inputs, whose dot operands take twice the shared memory)
+    "dt_proj_fwd": [dict(max_e=1 << 30, BM=64, BE=128, num_warps=4, BM_fp32=32)],
+    # (H200, Vim-T B 128, both directions in CUDA graphs: forward 16.1 us at BM 64 / BE 128 (BM 128 / BE 64 16.5,
+    # 128 / 128 18.2, 64 / 256 17.6) against 22.3 for two cuBLAS products with their weight casts; backward 20.4 us at
+    # BM 256 / BE 64 / 8 warps (128 / 128 20.9, 128 / 64 21.2, 64 / 64 27.6) against 41.8 for dgrad + split-K wgrad)
+    "dt_proj_bwd": [dict(max_e=1 << 30, BM=256, BE=64, num_warps=8, BM_fp32=64)],
 }
 
 
@@ -578,6 +585,68 @@ def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tens
     return [dx, dpar]
 
 
+
+def _rows2d(t: Tensor) -> Tensor:
+    """(..., X) with unit stride along X as (rows, X), a view (copied only where the leading dims do not merge)."""
+    t = _unit_last(t)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _pow2_at_least_16(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def _dt_proj_rows(cfg: dict, t: Tensor, rp: int) -> int:
+    """Row tile of the dt_proj kernels: ``BM``, or ``BM_fp32`` for fp32 inputs, halved for every doubling of the
+    padded rank past 32 (the tiles' shared memory grows with it: Vim-B's R = 48 runs with RP = 64)."""
+    bm = cfg["BM"] if t.element_size() <= 2 else cfg.get("BM_fp32", cfg["BM"])
+    while rp > 32 and bm > 16:
+        bm, rp = bm // 2, rp // 2
+    return bm
+
+
+def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both directions' dt = dt_low @ W^T in one launch (`dt_proj_fwd_kernel`): a_* (..., R) with unit stride along R
+    (the dt_low columns of x_proj's output), w_* (E, R) in any layout, cast to a's dtype as F.linear under autocast
+    does. Returns dt_f, dt_b (..., E), contiguous, in a's dtype."""
+    from visionmamba.ops import _fast_kernels as K
+
+    lead, R, E = a_f.shape[:-1], a_f.shape[-1], w_f.shape[0]
+    af, ab = _rows2d(a_f), _rows2d(a_b)
+    wf, wb = w_f, w_b  # converted to a's dtype tile by tile in the kernel (no cast launch)
+    M = af.shape[0]
+    of = torch.empty((M, E), dtype=af.dtype, device=af.device)
+    ob = torch.empty_like(of)
+    cfg = _config("dt_proj_fwd", E)
+    BM = _dt_proj_rows(cfg, af, _pow2_at_least_16(R))
+    grid = (triton_cdiv(M, BM), triton_cdiv(E, cfg["BE"]), 2)
+    K.dt_proj_fwd_kernel[grid](af, wf, of, ab, wb, ob, M, E, R, af.stride(0), wf.stride(0), wf.stride(1),
+                               ab.stride(0), wb.stride(0), wb.stride(1), E, RP=_pow2_at_least_16(R), BM=BM,
+                               BE=cfg["BE"], num_warps=cfg["num_warps"])
+    return of.view(*lead, E), ob.view(*lead, E)
+
+
+def dt_proj_bwd_triton(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor, w_b: Tensor,
+                       da_f: Tensor, da_b: Tensor) -> Tensor:
+    """Backward of `dt_proj_fwd_triton` in one launch (`dt_proj_bwd_kernel`), each ddt tile read once for both
+    products: writes d dt_low = g_* @ w_* into da_* ((rows, R), any row stride, unit stride along R; e.g. the dt_low
+    columns of x_proj's output gradient) and returns dW = g^T @ a, fp32 (2, E, R)."""
+    from visionmamba.ops import _fast_kernels as K
+
+    R, E = a_f.shape[-1], w_f.shape[0]
+    gf, gb, af, ab = _rows2d(g_f), _rows2d(g_b), _rows2d(a_f), _rows2d(a_b)
+    assert gf.stride(0) == gb.stride(0) and da_f.stride(0) == da_b.stride(0) and da_f.stride(1) == 1
+    M = gf.shape[0]
+    dw = torch.zeros((2, E, R), dtype=torch.float32, device=gf.device)
+    cfg = _config("dt_proj_bwd", E)
+    BM = _dt_proj_rows(cfg, gf, _pow2_at_least_16(R))
+    K.dt_proj_bwd_kernel[(triton_cdiv(M, BM), 2)](
+        gf, af, w_f, da_f, gb, ab, w_b, da_b, dw, M, E, R, gf.stride(0), af.stride(0), w_f.stride(0), w_f.stride(1),
+        ab.stride(0), w_b.stride(0), w_b.stride(1), da_f.stride(0), RP=_pow2_at_least_16(R), BM=BM,
+        BE=cfg["BE"], num_warps=cfg["num_warps"])
+    return dw
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library custom ops
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,6 +841,56 @@ def _(acc, a, b):
     return None
 
 
+@torch.library.custom_op("visionmamba::dt_proj", mutates_args=())
+def _dt_proj_op(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
+    return dt_proj_fwd_triton(a_f, w_f, a_b, w_b)
+
+
+@_dt_proj_op.register_fake
+def _(a_f, w_f, a_b, w_b):
+    shape = (*a_f.shape[:-1], w_f.shape[0])
+    return a_f.new_empty(shape), a_b.new_empty(shape)
+
+
+@torch.library.custom_op("visionmamba::dt_proj_bwd", mutates_args=())
+def _dt_proj_bwd_op(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor,
+                    w_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    R = a_f.shape[-1]
+    da_f = g_f.new_empty((g_f.numel() // g_f.shape[-1], R))
+    da_b = torch.empty_like(da_f)
+    return da_f, da_b, dt_proj_bwd_triton(g_f, a_f, w_f, g_b, a_b, w_b, da_f, da_b)
+
+
+@_dt_proj_bwd_op.register_fake
+def _(g_f, a_f, w_f, g_b, a_b, w_b):
+    R, E = a_f.shape[-1], w_f.shape[0]
+    rows = g_f.numel() // g_f.shape[-1]
+    return g_f.new_empty((rows, R)), g_f.new_empty((rows, R)), g_f.new_empty((2, E, R), dtype=torch.float32)
+
+
+def dt_proj(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both directions' dt = F.linear(dt_low, W) (no autograd; the mixer's `_BiMambaInner` and inference path): one
+    Triton launch on CUDA (`dt_proj_fwd_triton`), two F.linear elsewhere. a_*: (..., R) in the matmuls' dtype (x_proj's
+    output), w_*: (E, R); the result is in a's dtype, as F.linear under autocast."""
+    if a_f.is_cuda:
+        return torch.ops.visionmamba.dt_proj(a_f, w_f, a_b, w_b)
+    return F.linear(a_f, w_f.to(a_f.dtype)), F.linear(a_b, w_b.to(a_b.dtype))
+
+
+def _dt_proj_backward(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor,
+                      w_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `dt_proj` from g_* = ddt (rows, E) in a's dtype: d dt_low (rows, R) per direction, in a's dtype,
+    and dW (E, R) per direction, in w's dtype. On CUDA one launch reads each ddt tile once for both products (dW summed
+    in fp32); elsewhere the matmuls autograd would run."""
+    R = a_f.shape[-1]
+    if g_f.is_cuda:
+        da_f, da_b, dw = torch.ops.visionmamba.dt_proj_bwd(g_f, a_f, w_f, g_b, a_b, w_b)
+        return da_f, da_b, dw[0].to(w_f.dtype), dw[1].to(w_b.dtype)
+    cdt = a_f.dtype
+    return (g_f @ w_f.to(cdt), g_b @ w_b.to(cdt), (g_f.t() @ a_f.reshape(-1, R)).to(w_f.dtype),
+            (g_b.t() @ a_b.reshape(-1, R)).to(w_b.dtype))
+
+
 def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b in place: through the opaque op when torch.compile traces (where a plain ``addmm_`` would be
     functionalized into addmm + copy), directly otherwise (the custom op's dispatch costs ~30 us of CPU per call, which
@@ -808,7 +927,7 @@ class _BiMambaInner(torch.autograd.Function):
         x_f, x_b = torch.ops.visionmamba.bimamba_conv(x, conv_w_f, conv_b_f, conv_w_b, conv_b_b)
         # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R + 2N) = [dt_low | B | C], dt (B, L, E)
         x_dbl_f, x_dbl_b = F.linear(x_f, x_proj_w_f), F.linear(x_b, x_proj_w_b)
-        dt_f, dt_b = F.linear(x_dbl_f[..., :R], dt_proj_w_f), F.linear(x_dbl_b[..., :R], dt_proj_w_b)
+        dt_f, dt_b = dt_proj(x_dbl_f[..., :R], dt_proj_w_f, x_dbl_b[..., :R], dt_proj_w_b)
         y = torch.ops.visionmamba.bimamba_scan(*_inner_scan_inputs(R, N, z, x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
                                                                    x_b, dt_b, x_dbl_b, A_b, D_b, dt_bias_b))
         ctx.save_for_backward(xz, x_f, x_b, x_dbl_f, x_dbl_b, dt_f, dt_b, conv_w_f, conv_b_f, conv_w_b, conv_b_b,
@@ -831,20 +950,20 @@ class _BiMambaInner(torch.autograd.Function):
         scan_grads = _unpack_grads([dx_f, ddt_f, dx_b, ddt_b, None, dBC, dpar], scan_inputs)
         out = [None] * 15
         dx_total = []
-        for d, (x_d, x_dbl, x_proj_w, dt_proj_w) in enumerate(((x_f, x_dbl_f, x_proj_w_f, dt_proj_w_f),
-                                                               (x_b, x_dbl_b, x_proj_w_b, dt_proj_w_b))):
-            dx, ddt, dA, dB, dC, dD, dbias = scan_grads[7 * d:7 * d + 7]
-            cdt = x_dbl.dtype  # the matmuls' dtype in the forward (bf16 under autocast; also dB's and dC's)
-            ddt2 = ddt.reshape(-1, E).to(cdt)  # (B L, E)
-            d_dbl = torch.cat([ddt2 @ dt_proj_w.to(cdt), dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)  # (B L, R + 2N)
+        cdt = x_dbl_f.dtype  # the matmuls' dtype in the forward (bf16 under autocast; also dB's and dC's)
+        # dt_proj's gradients, both directions: d dt_low (B L, R) and dW (E, R)
+        d_dt_low_f, d_dt_low_b, out[6], out[11] = _dt_proj_backward(
+            scan_grads[1].reshape(-1, E).to(cdt), x_dbl_f[..., :R], dt_proj_w_f,
+            scan_grads[8].reshape(-1, E).to(cdt), x_dbl_b[..., :R], dt_proj_w_b)
+        for d, (x_d, x_proj_w, d_dt_low) in enumerate(((x_f, x_proj_w_f, d_dt_low_f), (x_b, x_proj_w_b, d_dt_low_b))):
+            dx, _, dA, dB, dC, dD, dbias = scan_grads[7 * d:7 * d + 7]
+            d_dbl = torch.cat([d_dt_low, dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)  # (B L, R + 2N)
             # x_proj's dgrad added to the scan's dx by the GEMM: (B L, E)
             _addmm_into(dx, d_dbl, x_proj_w.to(cdt))
             dx_total.append(dx)
             base = 5 + 5 * d  # x_proj_w, dt_proj_w, A, D, dt_bias of this direction
             if need[base]:
                 out[base] = (d_dbl.t() @ x_d.reshape(-1, E).to(cdt)).to(x_proj_w.dtype)  # (R + 2N, E)
-            if need[base + 1]:
-                out[base + 1] = (ddt2.t() @ x_dbl[..., :R].reshape(-1, R)).to(dt_proj_w.dtype)  # (E, R)
             out[base + 2], out[base + 3], out[base + 4] = dA, dD, dbias
         dconv = torch.ops.visionmamba.bimamba_conv_bwd_xz(dx_total[0], dx_total[1], xz[..., :E], conv_w_f, conv_b_f,
                                                           conv_w_b, conv_b_b, d_xz)

@@ -66,6 +66,18 @@ def _as_rows(smem, ROWS: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr):
     return view
 
 
+@gluon.constexpr_function
+def _row_layout(state_layout, rows, e_t, n_l, num_warps):
+    """Layout of the per-(token, channel) (rows, channels) tiles beside 3-D state tiles in `state_layout` =
+    blocked([rows, E_T, N / N_L], lanes [1, 32 / N_L, N_L]): with the state over N_L > 1 lanes, lane j of a channel's
+    N_L lanes holds rows / N_L of the rows (none repeats another's work; `_lanes` converts); with whole states per
+    thread, the state layout's own slice (nothing to convert)."""
+    if n_l == 1:
+        return gl.SliceLayout(2, state_layout)
+    return gl.BlockedLayout(size_per_thread=[rows // n_l, e_t], threads_per_warp=[n_l, 32 // n_l],
+                            warps_per_cta=[1, num_warps], order=[0, 1])
+
+
 @gluon.jit
 def _ex2_ftz(v):
     """2^v as one MUFU.EX2 (ex2.approx.ftz: results below 2^-126 flush to zero); `gl.exp` adds a denormal range check
@@ -274,8 +286,7 @@ def bimamba_fwd_gluon_kernel(
     L3: gl.constexpr = gl.BlockedLayout(size_per_thread=[T, E_T, N // N_L], threads_per_warp=[1, 32 // N_L, N_L],
                                         warps_per_cta=[1, NUM_WARPS, 1], order=[2, 1, 0])
     # per-(token, channel) tiles: lane j of a channel's N_L lanes holds rows j, j + N_L, ... (the lane order of L3)
-    LROW: gl.constexpr = gl.SliceLayout(2, L3) if N_L == 1 else gl.BlockedLayout(
-        size_per_thread=[T // N_L, E_T], threads_per_warp=[N_L, 32 // N_L], warps_per_cta=[1, NUM_WARPS], order=[0, 1])
+    LROW: gl.constexpr = _row_layout(L3, T, E_T, N_L, NUM_WARPS)
     # (T, N) B and C tiles: one element per thread (each loaded once per program, not once per thread)
     LBC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32 // N, N],
                                          warps_per_cta=[NUM_WARPS, 1], order=[1, 0])
@@ -597,8 +608,7 @@ def bimamba_bwd_gluon_kernel(
     L3: gl.constexpr = gl.BlockedLayout(size_per_thread=[T, 1, N // N_L], threads_per_warp=[1, 32 // N_L, N_L],
                                         warps_per_cta=[1, NUM_WARPS, 1], order=[2, 1, 0])
     # 2b's per-(token, channel) tiles: each of a channel's N_L lanes holds T / N_L rows (the forward's LROW)
-    LROW: gl.constexpr = gl.SliceLayout(2, L3) if N_L == 1 else gl.BlockedLayout(
-        size_per_thread=[T // N_L, 1], threads_per_warp=[N_L, 32 // N_L], warps_per_cta=[1, NUM_WARPS], order=[0, 1])
+    LROW: gl.constexpr = _row_layout(L3, T, 1, N_L, NUM_WARPS)
     LBC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32 // N, N],
                                          warps_per_cta=[NUM_WARPS, 1], order=[1, 0])
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
@@ -613,9 +623,7 @@ def bimamba_bwd_gluon_kernel(
                                          threads_per_warp=[1, 32 // N_L, N_L], warps_per_cta=[1, NUM_WARPS, 1],
                                          order=[2, 1, 0])
     wb_smem = gl.allocate_shared_memory(gl.float32, [2, WALK_K * T, N], SMEM)
-    LRW: gl.constexpr = gl.SliceLayout(2, L3W) if N_L == 1 else gl.BlockedLayout(
-        size_per_thread=[WALK_K * T // N_L, 1], threads_per_warp=[N_L, 32 // N_L], warps_per_cta=[1, NUM_WARPS],
-        order=[0, 1])
+    LRW: gl.constexpr = _row_layout(L3W, WALK_K * T, 1, N_L, NUM_WARPS)
     if ATOMIC:
         pid_b = gl.program_id(0)
         pid_e = gl.program_id(1)

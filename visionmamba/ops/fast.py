@@ -613,16 +613,16 @@ def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tu
 
     lead, R, E = a_f.shape[:-1], a_f.shape[-1], w_f.shape[0]
     af, ab = _rows2d(a_f), _rows2d(a_b)
-    wf, wb = w_f, w_b  # converted to a's dtype tile by tile in the kernel (no cast launch)
     M = af.shape[0]
     of = torch.empty((M, E), dtype=af.dtype, device=af.device)
     ob = torch.empty_like(of)
-    cfg = _config("dt_proj_fwd", E)
-    BM = _dt_proj_rows(cfg, af, _pow2_at_least_16(R))
+    cfg, RP = _config("dt_proj_fwd", E), _pow2_at_least_16(R)
+    BM = _dt_proj_rows(cfg, af, RP)
     grid = (triton_cdiv(M, BM), triton_cdiv(E, cfg["BE"]), 2)
-    K.dt_proj_fwd_kernel[grid](af, wf, of, ab, wb, ob, M, E, R, af.stride(0), wf.stride(0), wf.stride(1),
-                               ab.stride(0), wb.stride(0), wb.stride(1), E, RP=_pow2_at_least_16(R), BM=BM,
-                               BE=cfg["BE"], num_warps=cfg["num_warps"])
+    # w is converted to a's dtype tile by tile in the kernel (no cast launch)
+    K.dt_proj_fwd_kernel[grid](af, w_f, of, ab, w_b, ob, M, E, R, af.stride(0), w_f.stride(0), w_f.stride(1),
+                               ab.stride(0), w_b.stride(0), w_b.stride(1), E, RP=RP, BM=BM, BE=cfg["BE"],
+                               num_warps=cfg["num_warps"])
     return of.view(*lead, E), ob.view(*lead, E)
 
 
@@ -638,12 +638,12 @@ def dt_proj_bwd_triton(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: 
     assert gf.stride(0) == gb.stride(0) and da_f.stride(0) == da_b.stride(0) and da_f.stride(1) == 1
     M = gf.shape[0]
     dw = torch.zeros((2, E, R), dtype=torch.float32, device=gf.device)
-    cfg = _config("dt_proj_bwd", E)
-    BM = _dt_proj_rows(cfg, gf, _pow2_at_least_16(R))
+    cfg, RP = _config("dt_proj_bwd", E), _pow2_at_least_16(R)
+    BM = _dt_proj_rows(cfg, gf, RP)
     K.dt_proj_bwd_kernel[(triton_cdiv(M, BM), 2)](
         gf, af, w_f, da_f, gb, ab, w_b, da_b, dw, M, E, R, gf.stride(0), af.stride(0), w_f.stride(0), w_f.stride(1),
-        ab.stride(0), w_b.stride(0), w_b.stride(1), da_f.stride(0), RP=_pow2_at_least_16(R), BM=BM,
-        BE=cfg["BE"], num_warps=cfg["num_warps"])
+        ab.stride(0), w_b.stride(0), w_b.stride(1), da_f.stride(0), RP=RP, BM=BM, BE=cfg["BE"],
+        num_warps=cfg["num_warps"])
     return dw
 
 
@@ -951,10 +951,10 @@ class _BiMambaInner(torch.autograd.Function):
         out = [None] * 15
         dx_total = []
         cdt = x_dbl_f.dtype  # the matmuls' dtype in the forward (bf16 under autocast; also dB's and dC's)
-        # dt_proj's gradients, both directions: d dt_low (B L, R) and dW (E, R)
-        d_dt_low_f, d_dt_low_b, out[6], out[11] = _dt_proj_backward(
-            scan_grads[1].reshape(-1, E).to(cdt), x_dbl_f[..., :R], dt_proj_w_f,
-            scan_grads[8].reshape(-1, E).to(cdt), x_dbl_b[..., :R], dt_proj_w_b)
+        # dt_proj's gradients, both directions: d dt_low (B L, R) and dW (E, R); ddt is each direction's second gradient
+        ddt_f, ddt_b = scan_grads[1].reshape(-1, E).to(cdt), scan_grads[8].reshape(-1, E).to(cdt)
+        d_dt_low_f, d_dt_low_b, out[6], out[11] = _dt_proj_backward(ddt_f, x_dbl_f[..., :R], dt_proj_w_f,
+                                                                    ddt_b, x_dbl_b[..., :R], dt_proj_w_b)
         for d, (x_d, x_proj_w, d_dt_low) in enumerate(((x_f, x_proj_w_f, d_dt_low_f), (x_b, x_proj_w_b, d_dt_low_b))):
             dx, _, dA, dB, dC, dD, dbias = scan_grads[7 * d:7 * d + 7]
             d_dbl = torch.cat([d_dt_low, dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)  # (B L, R + 2N)

@@ -23,8 +23,8 @@ Measurements (random inputs, random labels):
   * memory: peak allocated during the timed windows, and ``act`` = peak minus what was allocated before them
     (parameters, gradients, optimizer state), i.e. the activations and temporaries of one step.
 
-``--profile`` additionally runs a few train steps of each row (or ``--profile-rows``) under torch.profiler and
-prints the top kernels by GPU time (top CPU ops when there is no GPU). ``--mlflow URI`` logs the configuration and
+``--profile`` additionally runs a few steps of each row (or ``--profile-rows``) under torch.profiler, train steps
+unless only inference is benchmarked (``--mode infer``), and prints the top kernels by GPU time (top CPU ops when there is no GPU). ``--mlflow URI`` logs the configuration and
 every row's numbers as one MLflow run.
 """
 from __future__ import annotations
@@ -294,7 +294,7 @@ def make_infer_step(model, images, device, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ profile
-def profile_train(step: Callable[[], Any], device: torch.device, steps: int, top: int) -> dict:
+def profile_steps(step: Callable[[], Any], device: torch.device, steps: int, top: int, phase: str = "train") -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -318,19 +318,19 @@ def profile_train(step: Callable[[], Any], device: torch.device, steps: int, top
                 intervals.append((evt.time_range.start, evt.time_range.end))
         if not per_kernel:
             log.warning("the profiler recorded no CUDA kernel events; printing its operator table instead")
-            return {"unit": "ops", "table": prof.key_averages().table(sort_by="self_device_time_total",
+            return {"unit": "ops", "phase": phase, "table": prof.key_averages().table(sort_by="self_device_time_total",
                                                                       row_limit=top)}
         total = sum(v[0] for v in per_kernel.values())
         rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
         span_us, busy_us = _busy(intervals)
-        return {"unit": "us per step", "total_gpu_us_per_step": total / steps,
+        return {"unit": "us per step", "phase": phase, "total_gpu_us_per_step": total / steps,
                 # GPU idle gaps mean the host (Python, launches, hooks) is the bottleneck; the profiler's own
                 # per-op overhead makes this a lower bound
                 "span_us_per_step": span_us / steps, "gpu_busy_pct": 100.0 * busy_us / max(span_us, 1e-9),
                 "top": [{"name": name, "us_per_step": us / steps, "calls_per_step": n / steps,
                          "pct": 100.0 * us / max(total, 1e-9)} for name, (us, n) in rows]}
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
-    return {"unit": "cpu", "table": table}
+    return {"unit": "cpu", "phase": phase, "table": table}
 
 
 def _busy(intervals: list) -> tuple[float, float]:
@@ -350,7 +350,7 @@ def _busy(intervals: list) -> tuple[float, float]:
 
 
 def print_profile(label: str, prof: dict) -> None:
-    print(f"\n== profile: {label} (train step) ==")
+    print(f"\n== profile: {label} ({'inference' if prof.get('phase') == 'infer' else 'train'} step) ==")
     if "table" in prof:
         print(prof["table"])
         return
@@ -423,9 +423,10 @@ def _phases(args: argparse.Namespace) -> list[str]:
     return {"train": ["train"], "infer": ["infer"], "both": ["train", "infer"]}[args.mode]
 
 
-def _wants_profile(spec: RowSpec, args: argparse.Namespace) -> bool:
-    return args.profile and (args.profile_rows is None or spec.label in args.profile_rows
-                             or spec.model in args.profile_rows)
+def _wants_profile(spec: RowSpec, args: argparse.Namespace, phase: str) -> bool:
+    """Profile the train phase, or the inference phase when it is the only one."""
+    return (args.profile and phase == _phases(args)[0]
+            and (args.profile_rows is None or spec.label in args.profile_rows or spec.model in args.profile_rows))
 
 
 def run_sequential(specs: list[RowSpec], args, device, dtype, on_progress) -> tuple[list[RowResult], dict]:
@@ -441,8 +442,8 @@ def run_sequential(specs: list[RowSpec], args, device, dtype, on_progress) -> tu
                 _start_phase(row, phase, device, dtype)
                 setattr(row.result, phase, time_steps(row.step, device, spec.warmup, spec.iters, spec.repeats,
                                                       args.batch_size))
-                if phase == "train" and _wants_profile(spec, args):
-                    profiles[spec.label] = profile_train(row.step, device, args.profile_steps, args.profile_top)
+                if _wants_profile(spec, args, phase):
+                    profiles[spec.label] = profile_steps(row.step, device, args.profile_steps, args.profile_top, phase)
                     print_profile(spec.label, profiles[spec.label])
                 _end_phase(row, device)
             except Exception as exc:  # noqa: BLE001 - one failing row must not hide the others
@@ -495,8 +496,9 @@ def run_interleaved(specs: list[RowSpec], args, device, dtype, on_progress) -> t
             result = phase_from_windows(windows[i], args.batch_size, None, None)
             result.act_mem_gib = None if act[i] is None else act[i] / GIB
             setattr(row.result, phase, result)
-            if phase == "train" and _wants_profile(row.spec, args):
-                profiles[row.spec.label] = profile_train(row.step, device, args.profile_steps, args.profile_top)
+            if _wants_profile(row.spec, args, phase):
+                profiles[row.spec.label] = profile_steps(row.step, device, args.profile_steps, args.profile_top,
+                                                         phase)
                 print_profile(row.spec.label, profiles[row.spec.label])
         for row in live:
             if not row.result.error:
@@ -564,7 +566,7 @@ def format_table(results: list[RowResult], env: dict, args: argparse.Namespace,
 
 
 def gpu_time_lines(results: list[RowResult], profiles: dict) -> list[str]:
-    """Kernel time per train step of the profiled rows, as ratios to the baseline's when it was profiled too: a
+    """Kernel time per step of the profiled rows, as ratios to the baseline's when it was profiled too: a
     host-bound row (eager launches, Python) has a wall-clock step that moves with the CPU, its GPU time does not."""
     gpu_ms = {r.label: profiles[r.label]["total_gpu_us_per_step"] / 1e3 for r in results
               if "total_gpu_us_per_step" in profiles.get(r.label, {})}
@@ -573,7 +575,9 @@ def gpu_time_lines(results: list[RowResult], profiles: dict) -> list[str]:
     base = gpu_ms.get(results[0].label)
     parts = [f"{label} {ms:.2f} ms" + (f" ({base / ms:.2f}x)" if base and label != results[0].label else "")
              for label, ms in gpu_ms.items()]
-    return ["GPU time per train step (profiler; x = baseline's / row's): " + "; ".join(parts)]
+    phase = next(iter(profiles.values())).get("phase", "train")
+    return [f"GPU time per {'inference' if phase == 'infer' else 'train'} step (profiler; x = baseline's / row's): "
+            + "; ".join(parts)]
 
 
 # ------------------------------------------------------------------------------------------------ env / logging
@@ -674,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", default=None, metavar="URI", help="log the run to this MLflow tracking URI")
     p.add_argument("--mlflow-experiment", default="benchmark")
     p.add_argument("--mlflow-run-name", default=None)
-    p.add_argument("--profile", action="store_true", help="profile train steps and print the top kernels")
+    p.add_argument("--profile", action="store_true", help="profile train steps (inference steps with --mode infer) and print the top kernels")
     p.add_argument("--profile-rows", nargs="*", default=None, help="labels or model names to profile (default all)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--profile-top", type=int, default=20)

@@ -153,7 +153,7 @@ def _measure(model_name: str, options: Optional[ParallelOptions], args, device: 
     out = dict(windows=phase.step_ms_windows, peak_mem_gib=phase.peak_mem_gib, params_m=result.params_m,
                backend=result.backend, knobs=knobs)
     if args.profile:  # this rank's GPU busy fraction and top kernels (all-reduce kernels included)
-        out["profile"] = bench.profile_train(step, device, args.profile_steps, args.profile_top)
+        out["profile"] = bench.profile_steps(step, device, args.profile_steps, args.profile_top)
     optimizer.zero_grad(set_to_none=True)
     del step, optimizer, train_model, model
     _release(device)

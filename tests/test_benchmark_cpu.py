@@ -76,8 +76,14 @@ def test_benchmark_cpu_timm_baseline_profile_and_failing_row(bench, capsys):
     assert "== profile: vim_test@backend=ref,shuffle=off" in printed
 
 
-def test_benchmark_cpu_interleaved(bench):
-    result = bench.main(["vim_test", "vim_test@shuffle=off,repeats=2", *TINY, "--mode", "infer", "--interleave"])
+def test_benchmark_cpu_interleaved(bench, capsys):
+    result = bench.main(["vim_test", "vim_test@shuffle=off,repeats=2", *TINY, "--mode", "infer", "--interleave",
+                         "--profile", "--profile-steps", "1"])
+    printed = capsys.readouterr().out
+    # with --mode infer the profiler records inference steps (and says so)
+    assert [(label, p["phase"]) for label, p in result["profiles"].items()] == [
+        ("vim_test", "infer"), ("vim_test@shuffle=off,repeats=2", "infer")]
+    assert "== profile: vim_test (inference step) ==" in printed
     first, second = result["rows"]
     assert first["error"] is None and second["error"] is None
     assert len(first["infer"]["step_ms_windows"]) == 1 and len(second["infer"]["step_ms_windows"]) == 2

@@ -114,7 +114,9 @@ CONFIG = {
     # i.e. the fewest lanes that give ~1536 warps (11.6 per SM); N_L 8 measured 2.57-2.81 ms at 1248 px (more shuffles
     # per element than the extra warps recover). Rows per chunk: 4 lanes with T 16 / 4 warps 1.441 ms at 1248 px
     # (0.192 at L 785, 11.0 SASS instructions per element and token against 12.2 at T 8), 2 warps 1.456; 2 lanes with
-    # T 16: 1.91-1.97 (224 registers), i.e. 4 rows per lane and 32 channels per program
+    # T 16: 1.91-1.97 (224 registers), i.e. 4 rows per lane and 32 channels per program. The two directions in
+    # separate programs meeting per group of tiles (atomic counters) were tried and dropped: 1.41-1.46 ms at 1248 px,
+    # 2.77 against 2.29 at B 64 (README "Performance"; docs/results/fwd_split_directions_attempt.patch)
     "fwd_gluon": [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, min_warps_per_sm=11, max_lanes=4, lane_block_e=32,
                        lane_rows=4)],
     # bidirectional depthwise conv + SiLU: rows x channels per program

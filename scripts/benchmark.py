@@ -24,8 +24,8 @@ Measurements (random inputs, random labels):
     (parameters, gradients, optimizer state), i.e. the activations and temporaries of one step.
 
 ``--profile`` additionally runs a few steps of each row (or ``--profile-rows``) under torch.profiler, train steps
-unless only inference is benchmarked (``--mode infer``), and prints the top kernels by GPU time (top CPU ops when there is no GPU). ``--mlflow URI`` logs the configuration and
-every row's numbers as one MLflow run.
+unless only inference is benchmarked (``--mode infer``), and prints the top kernels by GPU time (top CPU ops when
+there is no GPU). ``--mlflow URI`` logs the configuration and every row's numbers as one MLflow run.
 """
 from __future__ import annotations
 
@@ -349,8 +349,13 @@ def _busy(intervals: list) -> tuple[float, float]:
     return cur_end - intervals[0][0], busy + cur_end - cur_start
 
 
+def _step_name(prof: dict) -> str:
+    """What a profile measured: "train" or "inference" steps (profiles without a phase are train steps)."""
+    return "inference" if prof.get("phase") == "infer" else "train"
+
+
 def print_profile(label: str, prof: dict) -> None:
-    print(f"\n== profile: {label} ({'inference' if prof.get('phase') == 'infer' else 'train'} step) ==")
+    print(f"\n== profile: {label} ({_step_name(prof)} step) ==")
     if "table" in prof:
         print(prof["table"])
         return
@@ -575,8 +580,7 @@ def gpu_time_lines(results: list[RowResult], profiles: dict) -> list[str]:
     base = gpu_ms.get(results[0].label)
     parts = [f"{label} {ms:.2f} ms" + (f" ({base / ms:.2f}x)" if base and label != results[0].label else "")
              for label, ms in gpu_ms.items()]
-    phase = next(iter(profiles.values())).get("phase", "train")
-    return [f"GPU time per {'inference' if phase == 'infer' else 'train'} step (profiler; x = baseline's / row's): "
+    return [f"GPU time per {_step_name(next(iter(profiles.values())))} step (profiler; x = baseline's / row's): "
             + "; ".join(parts)]
 
 
@@ -678,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", default=None, metavar="URI", help="log the run to this MLflow tracking URI")
     p.add_argument("--mlflow-experiment", default="benchmark")
     p.add_argument("--mlflow-run-name", default=None)
-    p.add_argument("--profile", action="store_true", help="profile train steps (inference steps with --mode infer) and print the top kernels")
+    p.add_argument("--profile", action="store_true",
+                   help="profile train steps (inference steps with --mode infer) and print the top kernels")
     p.add_argument("--profile-rows", nargs="*", default=None, help="labels or model names to profile (default all)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--profile-top", type=int, default=20)

@@ -38,7 +38,8 @@ def _compile_sm90(fn, consts: dict, num_warps: int, maxnreg=None):
 
     ints = dict(B=B, L=L, E=E, s_zb=L * 2 * E, s_zl=2 * E, s_gb=L * E, s_gl=E, s_ob=L * E, s_ol=E,
                 s_xb=L * 2 * E, s_xl=2 * E, ROWS=66,  # the conv reads x as a view of the in_proj output
-                s_dzl=2 * E, s_dxl=2 * E)  # and the backward kernels write dz / dx into the halves of its gradient
+                s_dzl=2 * E, s_dxl=2 * E,  # and the backward kernels write dz / dx into the halves of its gradient
+                s_ybb=L * E, s_ybl=E)  # the forward with both directions at once: the reverse's y before they meet
     for d in ("f", "b"):
         ints.update({f"s_x{d}b": L * E, f"s_x{d}l": E, f"s_dt{d}b": L * E, f"s_dt{d}l": E,
                      f"s_B{d}b": L * (R + 2 * N), f"s_B{d}l": R + 2 * N, f"s_C{d}b": L * (R + 2 * N),
@@ -142,6 +143,36 @@ def test_gluon_forward_compiles_for_sm90_with_states_over_lanes():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
+def test_gluon_forward_compiles_for_sm90_with_directions_in_warp_groups(monkeypatch):
+    """The 1248 px forward (`_gluon_fwd_config` at batch 32: states over 2 lanes, the two directions at once in two
+    warp groups): the direction is a tensor axis over the warps, so the kernel is one instruction stream; its two
+    loops (before and after the directions meet) each convert Δ, Δx to the state layout and y back and nothing else,
+    move as much across lanes as the kernel that runs the directions one after the other, run one softplus per lane
+    and T / N_L rows, and do not spill."""
+    import torch
+
+    from visionmamba.ops import _fast_gluon as G
+    from visionmamba.ops import fast
+
+    monkeypatch.setattr(fast, "_sm_count", lambda index: 132)
+    cfg = fast._gluon_fwd_config(torch.device("cuda"), 32, E, N)
+    assert cfg["dirs"] and cfg["N_L"] == 2 and cfg["num_warps"] == 4 and cfg["block_e"] == 32
+    consts = dict(T=cfg["T"], BLOCK_E=cfg["block_e"], N=N, E_T=cfg["E_T"], NUM_WARPS=cfg["num_warps"],
+                  N_L=cfg["N_L"])
+    kernel = _compile_sm90(G.bimamba_fwd_dirs_gluon_kernel, consts, cfg["num_warps"])
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    assert ttgir.count("= ttg.convert_layout") == 2 * 3
+    one_by_one = _compile_sm90(G.bimamba_fwd_gluon_kernel, dict(consts, BLOCK_E=cfg["block_e"],
+                                                                NUM_WARPS=cfg["num_warps"] // 2),
+                               cfg["num_warps"] // 2)
+    assert ptx.count("shfl.sync") == one_by_one.asm["ptx"].count("shfl.sync") > 0
+    assert ptx.count("lg2.approx") == 2 * cfg["T"] // cfg["N_L"]
+    assert ".local" not in ptx
+    # per loop one barrier per step, plus the middle chunk's between the forward's store and the reverse's load
+    assert ptx.count("bar.sync") >= 3
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas")
 def test_gluon_convs_compile_for_sm90_with_rows_in_registers(monkeypatch):
     """The conv forward and the one-launch conv backward: rows in each thread, so every shifted operand is a register (no shared memory,
     no shuffle, no layout conversion) and the weight gradients leave as atomics (4 taps + bias, two directions).
@@ -179,19 +210,25 @@ def test_gluon_forward_launch_selection(monkeypatch):
 
     monkeypatch.setattr(fast, "_sm_count", lambda index: 132)  # an H100 / H200
     cuda = torch.device("cuda")
-    keys = ("N_L", "T", "num_warps", "E_T")
+    keys = ("N_L", "T", "num_warps", "E_T", "dirs")
     pick = lambda b, E, N=16: {k: fast._gluon_fwd_config(cuda, b, E, N)[k] for k in keys}  # noqa: E731
     # the shipped configuration (11 warps per SM: 1452 warps of one channel-lane per thread)
-    assert pick(128, 384) == dict(N_L=1, T=4, num_warps=2, E_T=1)  # 1536 warps with whole states
+    assert pick(128, 384) == dict(N_L=1, T=4, num_warps=2, E_T=1, dirs=False)  # 1536 warps with whole states
     assert pick(64, 768)["N_L"] == 1
-    assert pick(96, 384) == dict(N_L=2, T=8, num_warps=2, E_T=1)  # 1152 -> 2304 (32 channels, 4 rows per lane)
+    # 1152 -> 2304 (32 channels, 4 rows per lane)
+    assert pick(96, 384) == dict(N_L=2, T=8, num_warps=2, E_T=1, dirs=False)
     assert pick(64, 384)["N_L"] == 2 and pick(32, 768)["N_L"] == 2
-    assert pick(32, 384) == dict(N_L=4, T=16, num_warps=4, E_T=1)  # 1248 px inference: 384 -> 768 -> 1536
+    # 1248 px inference: 384 -> 768 -> 1536 warps with the directions in two warp groups of 2 (32 channels)
+    assert pick(32, 384) == dict(N_L=2, T=8, num_warps=4, E_T=1, dirs=True)
+    assert fast._gluon_fwd_config(cuda, 32, 384, 16)["block_e"] == 32
+    # smaller batches: 4 lanes, the directions one after the other (dirs is the rung between 2 and 4 lanes)
+    assert pick(16, 384) == dict(N_L=4, T=16, num_warps=4, E_T=1, dirs=False)
     assert pick(1, 384)["N_L"] == 4  # never more than max_lanes: too few warps, but still the Gluon forward
     assert pick(1, 384, N=2)["N_L"] == 2  # nor more lanes than state elements
     monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=2, num_warps=2, min_warps_per_sm=11)])
     assert pick(512, 384)["E_T"] == 2  # 3072 warps with 2 channels per thread: as configured
-    assert pick(128, 384) == dict(N_L=1, T=4, num_warps=2, E_T=1)  # E_T halves first; no lanes configured
+    # E_T halves first; no lanes nor warp groups configured
+    assert pick(128, 384) == dict(N_L=1, T=4, num_warps=2, E_T=1, dirs=False)
     assert pick(32, 384)["N_L"] == 1
     assert fast._gluon_fwd_config(torch.device("cpu"), 128, 384, 16) is None
     assert fast._gluon_fwd_config(cuda, 512, 384, 64) is None  # d_state > 32: whole states would not fit a thread

@@ -75,17 +75,23 @@ def run_reference(ins, g):
     return y, grads
 
 
-@pytest.fixture(params=["gluon", "gluon_unsplit", "gluon_lanes2", "triton"])
+@pytest.fixture(params=["gluon", "gluon_unsplit", "gluon_lanes2", "gluon_dirs", "gluon_dirs_whole", "triton"])
 def kernels(request, monkeypatch):
     """Both kernel sets: the Gluon forward and backward (default on CUDA) and the Triton ones (the CPU interpreter's,
     and the fallback). These small batches run the Gluon forward with each state over 4 lanes (as at high resolution)
     and the Gluon backward with the directions in separate programs. gluon_unsplit: both as at batch 128, the forward
     with whole states per thread and the backward with both directions in each program, which takes the dB / dC
-    channel sums in groups of red_k chunks. gluon_lanes2: the forward over 2 lanes with 2 rows per lane and chunk."""
+    channel sums in groups of red_k chunks. gluon_lanes2: the forward over 2 lanes with 2 rows per lane and chunk.
+    gluon_dirs / gluon_dirs_whole: the forward running both directions at once in two warp groups, with states over
+    2 lanes (as at 1248 px) / whole states per thread."""
     if request.param == "gluon_unsplit":
         monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=1, num_warps=1)])
     if request.param == "gluon_lanes2":
         monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=1, num_warps=1, N_L=2)])
+    if request.param == "gluon_dirs":
+        monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=8, E_T=1, num_warps=4, N_L=2, dirs=True)])
+    if request.param == "gluon_dirs_whole":
+        monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, dirs=True)])
     if request.param == "triton":
         monkeypatch.setitem(fast.CONFIG, "bwd_gluon", [])
         monkeypatch.setitem(fast.CONFIG, "fwd_gluon", [])
@@ -189,12 +195,13 @@ def test_fast_conv_matches_reference(seqlen, E, W, kernel, dtype, monkeypatch):
 
 @pytest.mark.parametrize("b,L,E", [(2, 197, 96), (3, 6085, 64), (64, 197, 384)])
 def test_fast_scan_into_x_matches_scan(b, L, E, kernels):
-    """The inference variant writes y over x_f (in place with the Gluon forward, whole states or lanes; a copy
-    otherwise): the same values as `bimamba_scan`, bit for bit."""
+    """The inference variant writes y over x_f (in place with the Gluon forward, whole states or lanes, and with the
+    directions at once, which keeps the reverse direction's y in x_b until they meet; a copy otherwise): the same
+    values as `bimamba_scan`, bit for bit."""
     ins = make_inputs(b, L, E, dtype=torch.bfloat16, seed=L)
     expected = fast.bimamba_scan(*ins)
     x_f = ins[0].clone()
-    out = fast.bimamba_scan_into_x(x_f, *ins[1:])
+    out = fast.bimamba_scan_into_x(x_f, *ins[1:7], ins[7].clone(), *ins[8:])
     assert out.data_ptr() == x_f.data_ptr()
     assert torch.equal(out, expected)
 

@@ -101,25 +101,21 @@ class BiMambaMixer(nn.Module):
             return conv.bias
         return conv.weight.new_zeros(conv.weight.shape[0])
 
-    def _padded_ssm_weights(self, x_proj_weight: Tensor, dt_proj_weight: Tensor) -> tuple[Tensor, Tensor]:
-        """x_proj's rows [dt (R) | B (N) | C (N)] become [dt (R) | zeros | B | C] and dt_proj's columns get the same
-        zeros, so the low-rank dt has R_pad = R rounded up to a multiple of 8 columns. In bf16 every slice of x_proj's
-        output then starts on a 16-byte boundary with a 16-byte row stride, and dt_proj's inner dimension is a
-        multiple of 8, so cuBLAS runs its vectorised kernels: with Vim-T's R = 12 (row stride 44) all six x_proj /
-        dt_proj matmuls of a direction ran `align2` kernels, 4.3 ms (12 %) of the H200 training step. The zeros add
-        exact zeros and the padded weights are built from the parameters, so outputs and gradients are unchanged.
-        Returns x_proj (R_pad + 2N, E) and dt_proj (E, R_pad) weights.
+    def _padded_x_proj_weight(self, x_proj_weight: Tensor) -> Tensor:
+        """x_proj's rows [dt (R) | B (N) | C (N)] become [dt (R) | zeros | B | C], so x_proj's output has R_pad = R
+        rounded up to a multiple of 8 columns before B. In bf16 every slice of it then starts on a 16-byte boundary
+        with a 16-byte row stride, and cuBLAS runs its vectorised kernels: with Vim-T's R = 12 (row stride 44) all six
+        x_proj / dt_proj matmuls of a direction ran `align2` kernels, 4.3 ms (12 %) of the H200 training step. The
+        zero rows add exact zeros and the padded weight is built from the parameter, so outputs and gradients are
+        unchanged. dt_proj reads the first R columns with the unpadded weight (its kernels mask the rank).
+        Returns the x_proj weight (R_pad + 2N, E).
         """
         R = self.dt_rank
         R_pad = -(-R // 8) * 8
-        if R_pad != R:
-            x_proj_weight = torch.cat([x_proj_weight[:R], x_proj_weight.new_zeros(R_pad - R, x_proj_weight.shape[1]),
-                                       x_proj_weight[R:]])  # (R_pad + 2N, E)
-            # (E, R_pad), stored as its transpose (R_pad, E): with that layout cuBLAS picks faster kernels for
-            # dt_proj's forward (x @ W^T) and dgrad (g @ W): 17.7 against 19.2 us per layer and direction together
-            # (H200, Vim-T, B 128; 0.07 ms of the compiled training step)
-            dt_proj_weight = F.pad(dt_proj_weight.t(), (0, 0, 0, R_pad - R)).t()
-        return x_proj_weight, dt_proj_weight
+        if R_pad == R:
+            return x_proj_weight
+        return torch.cat([x_proj_weight[:R], x_proj_weight.new_zeros(R_pad - R, x_proj_weight.shape[1]),
+                          x_proj_weight[R:]])  # (R_pad + 2N, E)
 
     def forward_fast(self, hidden_states: Tensor) -> Tensor:
         """Same maths in the (B, L, E) layout with both scans in one kernel (`ops.bimamba_scan`): no flips.
@@ -132,14 +128,15 @@ class BiMambaMixer(nn.Module):
         whose backward adds and concatenates the x / z gradients inside the GEMM and kernels that produce them.
         Without autograd (inference) fewer (B, L, E) activations are held at the scan (the peak): x and z come from
         two matmuls (in_proj's row halves: the same products) so x is freed once the convs have read it, and the scan
-        writes y over x_f (`ops.bimamba_scan_into_x`). At 1248 px that is 2 x 150 MB of Vim-T's peak.
+        writes y over x_f (`ops.bimamba_scan_into_x`; x_b may hold scratch). At 1248 px that is 2 x 150 MB of Vim-T's
+        peak.
         """
         E, N = self.d_inner, self.d_state
         w, bias = self.in_proj.weight, self.in_proj.bias
         conv = (self.conv1d.weight[:, 0], self._conv_bias(self.conv1d), self.conv1d_b.weight[:, 0],
                 self._conv_bias(self.conv1d_b))  # (E, W), (E,) per direction
-        xw_f, dtw_f = self._padded_ssm_weights(self.x_proj.weight, self.dt_proj.weight)
-        xw_b, dtw_b = self._padded_ssm_weights(self.x_proj_b.weight, self.dt_proj_b.weight)
+        xw_f, xw_b = self._padded_x_proj_weight(self.x_proj.weight), self._padded_x_proj_weight(self.x_proj_b.weight)
+        dtw_f, dtw_b = self.dt_proj.weight, self.dt_proj_b.weight  # (E, R)
         ssm_f = (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float())  # A, D, dt_bias
         ssm_b = (-torch.exp(self.A_b_log.float()), self.D_b.float(), self.dt_proj_b.bias.float())
         if torch.is_grad_enabled():
@@ -151,12 +148,12 @@ class BiMambaMixer(nn.Module):
         # both depthwise convs + SiLU in one kernel: (B, L, E) x_f, x_b, contiguous
         x_f, x_b = ops.bimamba_conv(x, *conv)
         del x  # the last reference: freed before the scan
-        R_pad = dtw_f.shape[1]
+        R, R_pad = self.dt_rank, xw_f.shape[0] - 2 * N
         dt_f, B_f, C_f = F.linear(x_f, xw_f).split([R_pad, N, N], dim=-1)  # (B, L, R_pad), (B, L, N) x2
         dt_b, B_b, C_b = F.linear(x_b, xw_b).split([R_pad, N, N], dim=-1)
         A_f, D_f, dt_bias_f = ssm_f
         A_b, D_b, dt_bias_b = ssm_b
-        dt_f, dt_b = ops.dt_proj(dt_f, dtw_f, dt_b, dtw_b)  # (B, L, E) each, one launch on CUDA
+        dt_f, dt_b = ops.dt_proj(dt_f[..., :R], dtw_f, dt_b[..., :R], dtw_b)  # (B, L, E) each, one launch on CUDA
         y = ops.bimamba_scan_into_x(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b,
                                     z)  # (B, L, E), averaged and gated, in x_f's buffer
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)

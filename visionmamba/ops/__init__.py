@@ -198,7 +198,8 @@ def bimamba_scan(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tenso
 def bimamba_scan_into_x(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor,
                         dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
                         D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> Tensor:
-    """`bimamba_scan` for inference (no autograd), its output written over x_f and returned."""
+    """`bimamba_scan` for inference (no autograd), its output written over x_f and returned (x_b may be
+    overwritten too)."""
     from . import fast
 
     return fast.bimamba_scan_into_x(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b,

@@ -67,13 +67,17 @@ def _as_rows(smem, ROWS: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr):
 
 
 @gluon.constexpr_function
-def _row_layout(state_layout, rows, e_t, n_l, num_warps):
+def _row_layout(state_layout, rows, e_t, n_l, num_warps, dirs=False):
     """Layout of the per-(token, channel) (rows, channels) tiles beside 3-D state tiles in `state_layout` =
     blocked([rows, E_T, N / N_L], lanes [1, 32 / N_L, N_L]): with the state over N_L > 1 lanes, lane j of a channel's
     N_L lanes holds rows / N_L of the rows (none repeats another's work; `_lanes` converts); with whole states per
-    thread, the state layout's own slice (nothing to convert)."""
+    thread, the state layout's own slice (nothing to convert). With ``dirs``, the same with a leading direction axis
+    over two warp groups: (2, rows, channels) beside the 4-D blocked([1, rows, E_T, N / N_L]) state layout."""
     if n_l == 1:
-        return gl.SliceLayout(2, state_layout)
+        return gl.SliceLayout(3 if dirs else 2, state_layout)
+    if dirs:
+        return gl.BlockedLayout(size_per_thread=[1, rows // n_l, e_t], threads_per_warp=[1, n_l, 32 // n_l],
+                                warps_per_cta=[2, 1, num_warps // 2], order=[1, 2, 0])
     return gl.BlockedLayout(size_per_thread=[rows // n_l, e_t], threads_per_warp=[n_l, 32 // n_l],
                             warps_per_cta=[1, num_warps], order=[0, 1])
 
@@ -155,12 +159,12 @@ def _xdt_chunk(x_ptr, dt_ptr, c, L, b64, s_xb, s_xl, s_dtb, s_dtl, e_te, e_mask_
 
 
 @gluon.jit
-def _row(rows3, x3, i: gl.constexpr):
-    """Row i of a (T, BLOCK_E, N) tile as (BLOCK_E, N). T lives in each thread and `rows3` is a compile-time constant
-    per register, so the select and the adds of -0.0 fold away: a register rename, no instruction. (-0.0 as a tensor:
-    a Python -0.0 becomes +0.0 in `where`, since Triton builds constants equal to 0 as the null value, and x + 0.0
-    does not fold.)"""
-    return gl.sum(gl.where(rows3 == i, x3, gl.zeros_like(x3) * -1.0), axis=0)
+def _row(rows3, x3, i: gl.constexpr, AXIS: gl.constexpr = 0):
+    """Row i of a (T, BLOCK_E, N) tile as (BLOCK_E, N) (T on axis AXIS: 1 with a leading direction axis). T lives in
+    each thread and `rows3` is a compile-time constant per register, so the select and the adds of -0.0 fold away: a
+    register rename, no instruction. (-0.0 as a tensor: a Python -0.0 becomes +0.0 in `where`, since Triton builds
+    constants equal to 0 as the null value, and x + 0.0 does not fold.)"""
+    return gl.sum(gl.where(rows3 == i, x3, gl.zeros_like(x3) * -1.0), axis=AXIS)
 
 
 @gluon.jit
@@ -301,6 +305,195 @@ def bimamba_fwd_gluon_kernel(
     _fwd_pass(xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr, z_ptr, out_ptr, pid_b, pid_e, L, E,
               s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl, s_zb, s_zl, s_ob, s_ol,
               True, False, T, BLOCK_E, N, L3, LBC, LROW, N_L)
+
+
+@gluon.jit
+def _dir_rows(c, K, L, T: gl.constexpr, d, layout: gl.constexpr):
+    """Token index (2, T) of each row of step c for both directions (d: (2, 1), 0 forward, 1 reverse), on one chunk
+    grid: the forward direction's chunk c, and the reverse's chunk K - 1 - c from its last token (its first chunk may
+    start past L: those rows are masked, a zero step); and their validity."""
+    tau = c * T + gl.arange(0, T, layout=layout)[None, :]
+    t = gl.where(d == 0, tau, K * T - 1 - tau)
+    valid = (t < L) & (t >= 0)
+    return gl.where(valid, t, 0), valid
+
+
+@gluon.jit
+def _dirs_inputs(x_base, x_sl, dt_base, dt_sl, b_base, b_sl, c_base, c_sl, z_base, s_zl, c, K, L, with_z, d_r, d_bc,
+                 e_r, e_mask, n_bc, T: gl.constexpr, LROW: gl.constexpr, LBC: gl.constexpr):
+    """Step c's x, dt and (with_z) z (2, T, BLOCK_E) in LROW and B, C (2, T, N) in the compact LBC, as fp32; the
+    bases and row strides are per direction ((2, 1) tensors), z is shared."""
+    t, v = _dir_rows(c, K, L, T, d_r, gl.SliceLayout(0, gl.SliceLayout(2, LROW)))
+    m = v[:, :, None] & e_mask
+    cols = e_r[None, None, :]
+    x = gl.load(x_base[:, :, None] + (t * x_sl)[:, :, None] + cols, mask=m, other=0.0).to(gl.float32)
+    dt = gl.load(dt_base[:, :, None] + (t * dt_sl)[:, :, None] + cols, mask=m, other=0.0).to(gl.float32)
+    z = gl.load(z_base + (t * s_zl)[:, :, None] + cols, mask=m & with_z, other=0.0).to(gl.float32)
+    tb, vb = _dir_rows(c, K, L, T, d_bc, gl.SliceLayout(0, gl.SliceLayout(2, LBC)))
+    n = n_bc[None, None, :]
+    Bm = gl.load(b_base[:, :, None] + (tb * b_sl)[:, :, None] + n, mask=vb[:, :, None], other=0.0).to(gl.float32)
+    Cm = gl.load(c_base[:, :, None] + (tb * c_sl)[:, :, None] + n, mask=vb[:, :, None], other=0.0).to(gl.float32)
+    return x, dt, z, Bm, Cm
+
+
+@gluon.jit
+def _dirs_chunk(h, x, dt, m, A2, Dv, bias, b_buf, c_buf, rows4, T: gl.constexpr, BLOCK_E: gl.constexpr,
+                L4: gl.constexpr, LROW: gl.constexpr, N_L: gl.constexpr):
+    """One step of both directions: the state through the chunk's rows (row by row in registers, B and C rows read
+    from the shared tiles as broadcasts) and y = <h, C> + D x (2, T, BLOCK_E) in LROW."""
+    LTE: gl.constexpr = gl.SliceLayout(3, L4)  # (2, T, BLOCK_E), replicated over the lanes of a channel
+    LEN: gl.constexpr = gl.SliceLayout(1, L4)  # (2, BLOCK_E, N)
+    delta = gl.where(m, _softplus(dt + bias[:, None, :])[0], 0.0)
+    delta4 = _lanes(delta, LTE, N_L)[:, :, :, None]  # (2, T, BLOCK_E, 1)
+    dx4 = _lanes(delta * x, LTE, N_L)[:, :, :, None]
+    y4 = gl.zeros((2, T, BLOCK_E, 1), gl.float32, L4)
+    for i in gl.static_range(T):
+        B_i = b_buf.slice(i, 1, dim=1).load(LEN)  # (2, 1, N), the same in every thread of a direction
+        C_i = c_buf.slice(i, 1, dim=1).load(LEN)
+        h = gl.exp2(_row(rows4, delta4, i, 1) * A2) * h + _row(rows4, dx4, i, 1) * B_i
+        y4 = gl.where(rows4 == i, y4 + gl.sum(h * C_i, axis=2, keep_dims=True)[:, None, :, :], y4)
+    return h, _lanes(gl.sum(y4, axis=3), LROW, N_L) + Dv[:, None, :] * x
+
+
+@gluon.jit
+def _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base, b_sl, c_base, c_sl, z_base, s_zl,
+               K, L, H, d_r, d_bc, e_r, e_mask, n_bc, T: gl.constexpr, LROW: gl.constexpr, LBC: gl.constexpr):
+    """Start of step c: one barrier (step c's B, C, stored last step, are visible; every thread is done with step
+    c - 1's buffer, which step c + 1's B, C overwrite now; y stored by the other direction in earlier steps is
+    visible), and step c + 2's tiles put in flight (z from step H on, where the gating starts)."""
+    _cta_barrier()
+    b_smem.index(1 - c % 2).store(nB)
+    c_smem.index(1 - c % 2).store(nC)
+    return _dirs_inputs(x_base, x_sl, dt_base, dt_sl, b_base, b_sl, c_base, c_sl, z_base, s_zl, c + 2, K, L,
+                        c + 2 >= H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW, LBC)
+
+
+@gluon.jit
+def _gate(prev, y, z):
+    """(y_f + y_b) / 2 * SiLU(z)."""
+    return (prev + y) * 0.5 * (z * _sigmoid_ftz(z))
+
+
+@gluon.jit
+def bimamba_fwd_dirs_gluon_kernel(
+        xf_ptr, dtf_ptr, Bf_ptr, Cf_ptr, Af_ptr, Df_ptr, biasf_ptr,
+        xb_ptr, dtb_ptr, Bb_ptr, Cb_ptr, Ab_ptr, Db_ptr, biasb_ptr,
+        z_ptr, out_ptr, L, E,
+        s_xfb, s_xfl, s_dtfb, s_dtfl, s_Bfb, s_Bfl, s_Cfb, s_Cfl,
+        s_xbb, s_xbl, s_dtbb, s_dtbl, s_Bbb, s_Bbl, s_Cbb, s_Cbl,
+        s_zb, s_zl, s_ob, s_ol, yb_ptr, s_ybb, s_ybl,
+        T: gl.constexpr, BLOCK_E: gl.constexpr, N: gl.constexpr, E_T: gl.constexpr, NUM_WARPS: gl.constexpr,
+        N_L: gl.constexpr = 1):
+    """`bimamba_fwd_gluon_kernel` with the two directions at once, each in its own group of NUM_WARPS / 2 warps
+    (BLOCK_E = E_T * (32 / N_L) * NUM_WARPS / 2): twice the warps for the same channels, for batches too small to
+    fill the GPU, at the forward's per-chunk cost (no pass waits for the other). Both walk one chunk grid from
+    opposite ends: at step c the forward direction takes chunk c, the reverse chunk K - 1 - c. Until the two meet
+    (steps < H = K // 2) each stores its y; after, the other direction's y of these tokens is already stored (an
+    earlier step, before this step's barrier), and each stores (y_f + y_b) / 2 * SiLU(z). With K odd both take the
+    middle chunk at step H: the forward's y is stored first, then the reverse gates it. The direction is the leading
+    tensor axis, over the two warp groups, so every instruction (and barrier) is common to both.
+
+    The forward's y goes to out, the reverse's to yb (a (B, L, E) tensor of out's dtype): out itself, or, to write
+    over x_f in place (out = x_f), x_b. Each direction reads its x of a chunk before its y goes there, and x_f is
+    read only by the forward direction (which at each chunk stores after reading), x_b only by the reverse."""
+    gl.static_assert(2 * BLOCK_E == E_T * (32 // N_L) * NUM_WARPS)
+    gl.static_assert(N <= 32)
+    gl.static_assert(N % N_L == 0)
+    gl.static_assert(T % N_L == 0)
+    gl.static_assert(N_L == 1 or E_T == 1)
+    W2: gl.constexpr = NUM_WARPS // 2
+    L4: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, T, E_T, N // N_L], threads_per_warp=[1, 1, 32 // N_L, N_L],
+                                        warps_per_cta=[2, 1, W2, 1], order=[3, 2, 1, 0])
+    LROW: gl.constexpr = _row_layout(L4, T, E_T, N_L, NUM_WARPS, True)
+    LBC: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 1], threads_per_warp=[1, 32 // N, N],
+                                         warps_per_cta=[2, W2, 1], order=[2, 1, 0])
+    LEN: gl.constexpr = gl.SliceLayout(1, L4)  # (2, BLOCK_E, N)
+    LDE: gl.constexpr = gl.SliceLayout(1, LROW)  # (2, BLOCK_E)
+    pid_e = gl.program_id(0)
+    pid_b = gl.program_id(1)
+    b64 = pid_b.to(gl.int64)
+    # per-direction operands as (2, 1) tensors: row 0 the forward direction's, row 1 the reverse's
+    d_r = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, LROW)))[:, None]
+    d_e = gl.arange(0, 2, layout=gl.SliceLayout(1, LDE))[:, None]
+    d_bc = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, LBC)))[:, None]
+    e_r = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(0, LDE))
+    e_mask = (e_r < E)[None, None, :]
+    Dv = gl.load(gl.where(d_e == 0, Df_ptr, Db_ptr) + e_r[None, :], mask=(e_r < E)[None, :], other=0.0)
+    bias = gl.load(gl.where(d_e == 0, biasf_ptr, biasb_ptr) + e_r[None, :], mask=(e_r < E)[None, :], other=0.0)
+    d_en = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, LEN)))[:, None, None]
+    e_en = pid_e * BLOCK_E + gl.arange(0, BLOCK_E, layout=gl.SliceLayout(0, gl.SliceLayout(2, LEN)))[None, :, None]
+    n_en = gl.arange(0, N, layout=gl.SliceLayout(0, gl.SliceLayout(1, LEN)))[None, None, :]
+    A2 = gl.load(gl.where(d_en == 0, Af_ptr, Ab_ptr) + e_en * N + n_en, mask=(e_en < E) & (n_en < N),
+                 other=0.0) * 1.4426950408889634
+    x_base = gl.where(d_r == 0, xf_ptr + b64 * s_xfb, xb_ptr + b64 * s_xbb)
+    x_sl = gl.where(d_r == 0, s_xfl, s_xbl)
+    dt_base = gl.where(d_r == 0, dtf_ptr + b64 * s_dtfb, dtb_ptr + b64 * s_dtbb)
+    dt_sl = gl.where(d_r == 0, s_dtfl, s_dtbl)
+    b_base = gl.where(d_bc == 0, Bf_ptr + b64 * s_Bfb, Bb_ptr + b64 * s_Bbb)
+    b_sl = gl.where(d_bc == 0, s_Bfl, s_Bbl)
+    c_base = gl.where(d_bc == 0, Cf_ptr + b64 * s_Cfb, Cb_ptr + b64 * s_Cbb)
+    c_sl = gl.where(d_bc == 0, s_Cfl, s_Cbl)
+    z_base = z_ptr + b64 * s_zb
+    o_base = out_ptr + b64 * s_ob
+    yb_base = yb_ptr + b64 * s_ybb
+    # each direction's own y before the two meet, and where it finds the other's after
+    own_base = gl.where(d_r == 0, o_base, yb_base)
+    own_sl = gl.where(d_r == 0, s_ol, s_ybl)
+    other_base = gl.where(d_r == 0, yb_base, o_base)
+    other_sl = gl.where(d_r == 0, s_ybl, s_ol)
+    n_bc = gl.arange(0, N, layout=gl.SliceLayout(0, gl.SliceLayout(1, LBC)))
+    rows4 = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))[None, :, None, None]
+    K = gl.cdiv(L, T)
+    H = K // 2
+    # (buffer, direction, T, N): step c in buffer c % 2; row i of a direction is the (1, N) slice its threads load
+    SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
+    b_smem = gl.allocate_shared_memory(gl.float32, [2, 2, T, N], SMEM)
+    c_smem = gl.allocate_shared_memory(gl.float32, [2, 2, T, N], SMEM)
+    h = gl.zeros((2, BLOCK_E, N), gl.float32, LEN)
+    cx, cdt, cz, cB, cC = _dirs_inputs(x_base, x_sl, dt_base, dt_sl, b_base, b_sl, c_base, c_sl, z_base, s_zl, 0, K,
+                                       L, 0 >= H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW, LBC)
+    b_smem.index(0).store(cB)
+    c_smem.index(0).store(cC)
+    nx, ndt, nz, nB, nC = _dirs_inputs(x_base, x_sl, dt_base, dt_sl, b_base, b_sl, c_base, c_sl, z_base, s_zl, 1, K,
+                                       L, 1 >= H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW, LBC)
+    # steps before the directions meet, and the middle chunk (K odd)
+    for c in range(0, K - H):
+        x, dt, z = cx, cdt, cz
+        cx, cdt, cz = nx, ndt, nz
+        nx, ndt, nz, nB, nC = _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base, b_sl,
+                                         c_base, c_sl, z_base, s_zl, K, L, H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW,
+                                         LBC)
+        t_r, v_r = _dir_rows(c, K, L, T, d_r, gl.SliceLayout(0, gl.SliceLayout(2, LROW)))
+        m_r = v_r[:, :, None] & e_mask
+        cols = e_r[None, None, :]
+        own_ptrs = own_base[:, :, None] + (t_r * own_sl)[:, :, None] + cols
+        h, y = _dirs_chunk(h, x, dt, m_r, A2, Dv, bias, b_smem.index(c % 2), c_smem.index(c % 2), rows4, T,
+                           BLOCK_E, L4, LROW, N_L)
+        if c < H:
+            gl.store(own_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_r)
+        else:  # the middle chunk, the same tokens in both directions: the forward's y first, then the reverse gates
+            gl.store(own_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_r & (d_r[:, :, None] == 0))
+            _cta_barrier()
+            m_b = m_r & (d_r[:, :, None] == 1)
+            o_ptrs = o_base + (t_r * s_ol)[:, :, None] + cols
+            prev = gl.load(o_ptrs, mask=m_b, other=0.0).to(gl.float32)
+            gl.store(o_ptrs, _gate(prev, y, z).to(out_ptr.dtype.element_ty), mask=m_b)
+    # steps after: the other direction stored these tokens' y in an earlier step
+    for c in range(K - H, K):
+        x, dt, z = cx, cdt, cz
+        cx, cdt, cz = nx, ndt, nz
+        nx, ndt, nz, nB, nC = _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base, b_sl,
+                                         c_base, c_sl, z_base, s_zl, K, L, H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW,
+                                         LBC)
+        t_r, v_r = _dir_rows(c, K, L, T, d_r, gl.SliceLayout(0, gl.SliceLayout(2, LROW)))
+        m_r = v_r[:, :, None] & e_mask
+        cols = e_r[None, None, :]
+        # the other direction's y, in flight while the chunk computes
+        prev = gl.load(other_base[:, :, None] + (t_r * other_sl)[:, :, None] + cols, mask=m_r,
+                       other=0.0).to(gl.float32)
+        h, y = _dirs_chunk(h, x, dt, m_r, A2, Dv, bias, b_smem.index(c % 2), c_smem.index(c % 2), rows4, T,
+                           BLOCK_E, L4, LROW, N_L)
+        gl.store(o_base + (t_r * s_ol)[:, :, None] + cols, _gate(prev, y, z).to(out_ptr.dtype.element_ty), mask=m_r)
 
 
 @gluon.jit

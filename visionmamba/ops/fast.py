@@ -117,8 +117,18 @@ CONFIG = {
     # T 16: 1.91-1.97 (224 registers), i.e. 4 rows per lane and 32 channels per program. The two directions in
     # separate programs meeting per group of tiles (atomic counters) were tried and dropped: 1.41-1.46 ms at 1248 px,
     # 2.77 against 2.29 at B 64 (README "Performance"; docs/results/fwd_split_directions_attempt.patch)
+    # The two directions at once, in two warp groups of each program (`bimamba_fwd_dirs_gluon_kernel`): twice the
+    # warps at the same cost per chunk; a rung between dirs_lanes lanes per state and twice as many (H200, bf16,
+    # forward launch, ms; 2 lanes: T 8, 2 warps per direction; 4 lanes: T 16, 4 warps):
+    #   B 32, L 6085, E 384 (1248 px):  4 lanes 1.441  / 2 lanes + dirs 1.313 / 4 lanes + dirs 1.74 (T 8), 1.89
+    #   B 32, L 1601, E 384 (640 px):   4 lanes 0.388  / 2 lanes + dirs 0.355
+    #   B 64, L 6085, E 384:            2 lanes 2.302  / 2 lanes + dirs 2.47, whole states + dirs 2.33-2.47
+    #   B 128, L 197, E 384 (224 px):   whole   0.147  / whole + dirs 0.150-0.157 (E 768: 0.273 / 0.283-0.294)
+    # With 4 lanes it does not pay at B 32: the cross-lane work costs more than the extra warps recover, at any
+    # register cap; ncu at B 32, L 6085: 2 lanes + dirs 61 % of issue slots busy with 2.7 warps per scheduler and
+    # 1.59 M instructions each, against 59 % / 2.8 for 4 lanes (docs/results/fwd_dirs_h200.json)
     "fwd_gluon": [dict(max_e=1 << 30, T=4, E_T=1, num_warps=2, min_warps_per_sm=11, max_lanes=4, lane_block_e=32,
-                       lane_rows=4)],
+                       lane_rows=4, dirs_lanes=2)],
     # bidirectional depthwise conv + SiLU: rows x channels per program
     "conv_fwd": [dict(max_e=1 << 30, BLOCK_T=32, BLOCK_E=64, num_warps=4)],
     # backward step 1 (gp, dw, db): one program per (channel block, batch row) looping over row tiles; step 2 (dx)
@@ -228,7 +238,8 @@ def _strides(*ts: Tensor) -> list[int]:
 
 def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Forward Triton launch (no autograd). Inputs in `bimamba_scan` order; ``out``: optional contiguous (B, L, E)
-    buffer of x_f's dtype to write into."""
+    buffer of x_f's dtype to write into. With ``out`` x_f itself (`bimamba_scan_into_x`), x_b is overwritten too
+    (with the Gluon forward that runs the directions at once, the reverse direction's y goes there first)."""
     from . import _fast_kernels as K
 
     _check(inputs)
@@ -247,10 +258,17 @@ def fwd_triton(*inputs: Tensor, out: Optional[Tensor] = None) -> Tensor:
     if gcfg is not None:
         from . import _fast_gluon as G
 
-        block_e = gcfg["E_T"] * (32 // gcfg["N_L"]) * gcfg["num_warps"]
-        G.bimamba_fwd_gluon_kernel[(triton_cdiv(E, block_e), b)](
-            *args, T=gcfg["T"], BLOCK_E=block_e, N=N, E_T=gcfg["E_T"], NUM_WARPS=gcfg["num_warps"],
-            N_L=gcfg["N_L"], num_warps=gcfg["num_warps"])
+        consts = dict(T=gcfg["T"], BLOCK_E=gcfg["block_e"], N=N, E_T=gcfg["E_T"], NUM_WARPS=gcfg["num_warps"],
+                      N_L=gcfg["N_L"], num_warps=gcfg["num_warps"], **_register_cap(gcfg))
+        grid = (triton_cdiv(E, gcfg["block_e"]), b)
+        if gcfg.get("dirs"):
+            # the reverse direction's y before the two meet: in out, or over x_b when out is x_f (see the kernel)
+            y_b = out
+            if out.data_ptr() == x_f.data_ptr():
+                y_b = x_b if x_b.dtype == out.dtype else torch.empty_like(out)
+            G.bimamba_fwd_dirs_gluon_kernel[grid](*args, y_b, *_strides(y_b), **consts)
+        else:
+            G.bimamba_fwd_gluon_kernel[grid](*args, **consts)
         return out
     cfg = _config("fwd", E)
     block_e = cfg["BLOCK_E"]
@@ -298,16 +316,23 @@ def _gluon_fwd_config(device: torch.device, b: int, E: int, N: int) -> Optional[
         return None
     cfg = dict(_config("fwd_gluon", E))
     cfg["N_L"] = cfg.get("N_L", 1)
+    cfg["dirs"] = bool(cfg.get("dirs"))
     need = cfg.get("min_warps_per_sm", 0) * _sm_count(device.index)
-    while b * E * cfg["N_L"] < need * 32 * cfg["E_T"]:  # threads = b * E * N_L / E_T
+    groups = lambda: 2 if cfg["dirs"] else 1  # noqa: E731  (warp groups per program)
+    while b * E * cfg["N_L"] * groups() < need * 32 * cfg["E_T"]:  # threads = b * E * N_L * groups / E_T
         if cfg["E_T"] > 1:
             cfg["E_T"] //= 2
+        elif cfg["N_L"] == cfg.get("dirs_lanes") and not cfg["dirs"]:
+            cfg["dirs"] = True  # a rung between dirs_lanes lanes and twice as many
+            cfg["num_warps"] *= 2
         elif 2 * cfg["N_L"] <= min(cfg.get("max_lanes", 1), N):
             cfg["N_L"] *= 2
+            cfg["dirs"] = False
             cfg["num_warps"] = max(cfg.get("lane_block_e", 32) * cfg["N_L"] // 32, 1)
             cfg["T"] = cfg.get("lane_rows", 1) * cfg["N_L"]
         else:
             break
+    cfg["block_e"] = cfg["E_T"] * (32 // cfg["N_L"]) * cfg["num_warps"] // groups()
     return cfg
 
 
@@ -710,14 +735,15 @@ def bimamba_scan(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tenso
                                               D_b, dt_bias_b, z)
 
 
-@torch.library.custom_op("visionmamba::bimamba_scan_into_x", mutates_args=("x_f",))
+@torch.library.custom_op("visionmamba::bimamba_scan_into_x", mutates_args=("x_f", "x_b"))
 def _bimamba_scan_into_x_op(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f: Tensor, D_f: Tensor,
                             dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
                             D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> None:
     inputs = (x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b, z)
     N = A_f.shape[-1]
     # The Gluon forward reads each (token, channel) of x_f in the thread that later writes y there, chunk c + 2's
-    # rows in flight while chunk c's are stored, and never reads x_f in the reverse pass: it can write over it.
+    # rows in flight while chunk c's are stored, and never reads x_f in the reverse pass: it can write over it (and
+    # over x_b, where the kernel that runs both directions at once keeps the reverse direction's y until they meet).
     if x_f.is_contiguous() and _gluon_fwd_config(x_f.device, x_f.shape[0], x_f.shape[2], N) is not None:
         fwd_triton(*inputs, out=x_f)
     else:
@@ -728,7 +754,8 @@ def bimamba_scan_into_x(x_f: Tensor, dt_f: Tensor, A_f: Tensor, B_f: Tensor, C_f
                         dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
                         D_b: Tensor, dt_bias_b: Tensor, z: Tensor) -> Tensor:
     """`bimamba_scan` for inference (no autograd): y is written over x_f (a (B, L, E) buffer the caller no longer
-    needs), which is returned, so the forward allocates no output: one (B, L, E) activation less at the peak."""
+    needs), which is returned, so the forward allocates no output: one (B, L, E) activation less at the peak. x_b
+    (also no longer needed) may be overwritten too."""
     torch.ops.visionmamba.bimamba_scan_into_x(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b,
                                               D_b, dt_bias_b, z)
     return x_f
@@ -906,7 +933,8 @@ def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
 def _inner_scan_inputs(R: int, N: int, z: Tensor, x_f: Tensor, dt_f: Tensor, x_dbl_f: Tensor, A_f: Tensor,
                        D_f: Tensor, dt_bias_f: Tensor, x_b: Tensor, dt_b: Tensor, x_dbl_b: Tensor, A_b: Tensor,
                        D_b: Tensor, dt_bias_b: Tensor) -> tuple[Tensor, ...]:
-    """`bimamba_scan`'s 15 inputs in `_BiMambaInner`: B and C are column slices of x_dbl = [dt_low (R) | B | C]."""
+    """`bimamba_scan`'s 15 inputs in `_BiMambaInner`: B and C are column slices of x_dbl = [dt_low | B | C], B
+    starting at column R."""
     return (x_f, dt_f, A_f, x_dbl_f[..., R:R + N], x_dbl_f[..., R + N:], D_f, dt_bias_f,
             x_b, dt_b, A_b, x_dbl_b[..., R:R + N], x_dbl_b[..., R + N:], D_b, dt_bias_b, z)
 
@@ -925,13 +953,16 @@ class _BiMambaInner(torch.autograd.Function):
     def forward(ctx, xz, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f,
                 x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b):
         E, R, N = xz.shape[-1] // 2, dt_proj_w_f.shape[1], A_f.shape[1]
+        R_pad = x_proj_w_f.shape[0] - 2 * N  # B starts after R_pad >= R columns of x_dbl (zero rows of x_proj past R)
         x, z = xz[..., :E], xz[..., E:]  # (B, L, E) views, unit stride along E
         x_f, x_b = torch.ops.visionmamba.bimamba_conv(x, conv_w_f, conv_b_f, conv_w_b, conv_b_b)
-        # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R + 2N) = [dt_low | B | C], dt (B, L, E)
+        # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R_pad + 2N) = [dt_low | 0 | B | C], dt (B,
+        # L, E)
         x_dbl_f, x_dbl_b = F.linear(x_f, x_proj_w_f), F.linear(x_b, x_proj_w_b)
         dt_f, dt_b = dt_proj(x_dbl_f[..., :R], dt_proj_w_f, x_dbl_b[..., :R], dt_proj_w_b)
-        y = torch.ops.visionmamba.bimamba_scan(*_inner_scan_inputs(R, N, z, x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
-                                                                   x_b, dt_b, x_dbl_b, A_b, D_b, dt_bias_b))
+        y = torch.ops.visionmamba.bimamba_scan(*_inner_scan_inputs(R_pad, N, z, x_f, dt_f, x_dbl_f, A_f, D_f,
+                                                                   dt_bias_f, x_b, dt_b, x_dbl_b, A_b, D_b,
+                                                                   dt_bias_b))
         ctx.save_for_backward(xz, x_f, x_b, x_dbl_f, x_dbl_b, dt_f, dt_b, conv_w_f, conv_b_f, conv_w_b, conv_b_b,
                               x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b,
                               dt_bias_b)
@@ -942,8 +973,9 @@ class _BiMambaInner(torch.autograd.Function):
         (xz, x_f, x_b, x_dbl_f, x_dbl_b, dt_f, dt_b, conv_w_f, conv_b_f, conv_w_b, conv_b_b,
          x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b) = ctx.saved_tensors
         E, R, N = xz.shape[-1] // 2, dt_proj_w_f.shape[1], A_f.shape[1]
+        R_pad = x_proj_w_f.shape[0] - 2 * N
         need = ctx.needs_input_grad
-        scan_inputs = _inner_scan_inputs(R, N, xz[..., E:], x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
+        scan_inputs = _inner_scan_inputs(R_pad, N, xz[..., E:], x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
                                          x_b, dt_b, x_dbl_b, A_b, D_b, dt_bias_b)
         d_xz = torch.empty(xz.shape, dtype=xz.dtype, device=xz.device)  # (B, L, 2E) = [dx | dz]
         dx_f, ddt_f, dx_b, ddt_b, dBC, dpar = torch.ops.visionmamba.bimamba_scan_bwd_xz(
@@ -959,7 +991,9 @@ class _BiMambaInner(torch.autograd.Function):
                                                                     ddt_b, x_dbl_b[..., :R], dt_proj_w_b)
         for d, (x_d, x_proj_w, d_dt_low) in enumerate(((x_f, x_proj_w_f, d_dt_low_f), (x_b, x_proj_w_b, d_dt_low_b))):
             dx, _, dA, dB, dC, dD, dbias = scan_grads[7 * d:7 * d + 7]
-            d_dbl = torch.cat([d_dt_low, dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)  # (B L, R + 2N)
+            # (B L, R_pad + 2N): the zero rows of x_proj past R get zero gradient
+            pad = [d_dt_low.new_zeros(d_dt_low.shape[0], R_pad - R)] if R_pad > R else []
+            d_dbl = torch.cat([d_dt_low, *pad, dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)
             # x_proj's dgrad added to the scan's dx by the GEMM: (B L, E)
             _addmm_into(dx, d_dbl, x_proj_w.to(cdt))
             dx_total.append(dx)
@@ -979,7 +1013,8 @@ def bimamba_inner(xz: Tensor, conv_w_f: Tensor, conv_b_f: Tensor, conv_w_b: Tens
     """The bidirectional mixer from in_proj's output to out_proj's input, one autograd node (`_BiMambaInner`).
 
     xz: (B, L, 2E) = [x | z], unit stride along the last dim. conv_w_*: (E, W), conv_b_*: (E,); x_proj_w_*:
-    (R + 2N, E) producing [dt_low | B | C]; dt_proj_w_*: (E, R) (no bias: dt_bias_* is added in the scan);
+    (R_pad + 2N, E) producing [dt_low (R) | zeros (R_pad - R, zero rows of the weight) | B | C]; dt_proj_w_*: (E, R)
+    (no bias: dt_bias_* is added in the scan);
     A_*: (E, N) fp32 (-exp(A_log)); D_*, dt_bias_*: (E,) fp32. Returns y (B, L, E): both scans averaged and gated,
     as `bimamba_scan` of `bimamba_conv`'s outputs."""
     return _BiMambaInner.apply(xz, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f,

@@ -241,17 +241,20 @@ def _inner_worker(case_json: str) -> None:
 
 def _dt_proj_worker(case_json: str) -> None:
     """Both dt_proj kernels (forward, and backward reading ddt once) against the matmuls, fp32: rows not a multiple of
-    the row tile, R padded to the 16-wide dot, dt_low a column slice of x_proj's output, W stored transposed."""
+    the row tile, R padded to the 16-wide dot, dt_low a column slice of x_proj's output, W stored transposed; with
+    RW < R, dt_low has R - RW zero columns (x_proj's padding) and W only RW."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from visionmamba.ops import fast
 
-    M, E, R, K = json.loads(case_json)
+    M, E, R, K, RW = json.loads(case_json)
     fast.CONFIG["dt_proj_fwd"] = [dict(max_e=1 << 30, BM=16, BE=32, num_warps=1, BM_fp32=16)]
     fast.CONFIG["dt_proj_bwd"] = [dict(max_e=1 << 30, BM=16, BE=32, num_warps=1, BM_fp32=16)]
     g = torch.Generator().manual_seed(M)
     dbl = [torch.randn(M, K, generator=g) for _ in range(2)]
+    for d in dbl:
+        d[:, RW:R] = 0.0
     a = [d[:, :R] for d in dbl]
-    w = [torch.randn(R, E, generator=g).t() for _ in range(2)]
+    w = [torch.randn(RW, E, generator=g).t() for _ in range(2)]
     gy = [torch.randn(M, E, generator=g) for _ in range(2)]
     rel = lambda x, r: ((x - r).abs().max() / r.abs().max()).item()  # noqa: E731
     out = fast.dt_proj_fwd_triton(a[0], w[0], a[1], w[1])
@@ -259,10 +262,11 @@ def _dt_proj_worker(case_json: str) -> None:
     dw = fast.dt_proj_bwd_triton(gy[0], a[0], w[0], gy[1], a[1], w[1], d_dbl[0][:, :R], d_dbl[1][:, :R])
     report = {}
     for d in range(2):
-        report[f"dt{d}"] = rel(out[d], a[d] @ w[d].t())
-        report[f"d_dt_low{d}"] = rel(d_dbl[d][:, :R], gy[d] @ w[d])
-        report[f"dw{d}"] = rel(dw[d], gy[d].t() @ a[d])
+        report[f"dt{d}"] = rel(out[d], a[d][:, :RW] @ w[d].t())
+        report[f"d_dt_low{d}"] = rel(d_dbl[d][:, :RW], gy[d] @ w[d])
+        report[f"dw{d}"] = rel(dw[d], gy[d].t() @ a[d][:, :RW])
         report[f"untouched{d}"] = float((d_dbl[d][:, R:] != 7.0).sum())
+        report[f"pad_nonzero{d}"] = float((d_dbl[d][:, RW:R] != 0.0).sum())
     print("RESULT " + json.dumps(report))
 
 
@@ -449,12 +453,15 @@ def test_fast_op_compiles_without_graph_break():
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", [(70, 96, 12, 44), (33, 40, 24, 56)], ids=["R12", "R24"])
+@pytest.mark.parametrize("case", [(70, 96, 12, 44, 12), (33, 40, 24, 56, 24), (70, 96, 16, 48, 12)],
+                         ids=["R12", "R24", "R16_W12"])
 def test_fast_dt_proj_interpreter_matches_matmuls(case):
     report = _run_worker("--dt-proj-worker", list(case))
     print(report)
     assert all(report[f"untouched{d}"] == 0 for d in range(2)), report  # only the dt_low columns are written
-    assert max(v for k, v in report.items() if not k.startswith("untouched")) < 1e-5, report
+    # past W's rank, d dt_low is written as zeros (the gradient of x_proj's zero rows)
+    assert all(report[f"pad_nonzero{d}"] == 0 for d in range(2)), report
+    assert max(v for k, v in report.items() if not k.startswith(("untouched", "pad_nonzero"))) < 1e-5, report
 
 
 def test_fast_dt_proj_cpu_path_is_the_matmuls():

@@ -246,27 +246,31 @@ def test_fast_inner_matches_unfused_composition(b, L, E, kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("R", [12, 16, 24, 48])
-def test_fast_dt_proj_kernels_match_matmuls(R, dtype):
+@pytest.mark.parametrize("R,RW", [(12, 12), (16, 16), (24, 24), (48, 48), (16, 12)])
+def test_fast_dt_proj_kernels_match_matmuls(R, RW, dtype):
     """`dt_proj` (both directions in one launch) and its backward (d dt_low into a column slice, dW in fp32) against
-    the cuBLAS products, dt_low a column slice of x_proj's output and W (fp32 parameter) stored transposed."""
+    the cuBLAS products, dt_low a column slice of x_proj's output and W (fp32 parameter) stored transposed; with RW <
+    R (Vim-T in the mixer), dt_low's last R - RW columns are x_proj's zero padding and W has RW columns."""
     M, E, N = 128 * 197 + 3, 384, 16
     g = torch.Generator(device="cpu").manual_seed(R)
     r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
     dbl = [r(M, R + 2 * N).to(dtype) for _ in range(2)]
+    for d in dbl:
+        d[:, RW:R] = 0
     a = [d[:, :R] for d in dbl]
-    w = [r(R, E).t() * R ** -0.5 for _ in range(2)]
+    w = [r(RW, E).t() * RW ** -0.5 for _ in range(2)]
     gy = [r(M, E).to(dtype) for _ in range(2)]
     out = fast.dt_proj(a[0], w[0], a[1], w[1])
     da_f, da_b, dw_f, dw_b = fast._dt_proj_backward(gy[0], a[0], w[0], gy[1], a[1], w[1])
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for d, (da, dw) in enumerate(((da_f, dw_f), (da_b, dw_b))):
-        assert out[d].dtype == da.dtype == dtype and dw.dtype == torch.float32 and dw.shape == (E, R)
-        ref = a[d].float() @ w[d].to(dtype).float().t()
+        assert out[d].dtype == da.dtype == dtype and dw.dtype == torch.float32 and dw.shape == (E, RW)
+        assert da.shape == (M, R) and not da[:, RW:].any()
+        ref = a[d][:, :RW].float() @ w[d].to(dtype).float().t()
         assert ((out[d].float() - ref).abs().max() / ref.abs().max()).item() < tol
         ref = gy[d].float() @ w[d].to(dtype).float()
-        assert ((da.float() - ref).abs().max() / ref.abs().max()).item() < tol
-        ref = gy[d].float().t() @ a[d].float()
+        assert ((da[:, :RW].float() - ref).abs().max() / ref.abs().max()).item() < tol
+        ref = gy[d].float().t() @ a[d][:, :RW].float()
         assert ((dw - ref).abs().max() / ref.abs().max()).item() < 1e-5  # fp32 sums of the same products
 
 

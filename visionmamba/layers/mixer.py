@@ -107,7 +107,8 @@ class BiMambaMixer(nn.Module):
         with a 16-byte row stride, and cuBLAS runs its vectorised kernels: with Vim-T's R = 12 (row stride 44) all six
         x_proj / dt_proj matmuls of a direction ran `align2` kernels, 4.3 ms (12 %) of the H200 training step. The
         zero rows add exact zeros and the padded weight is built from the parameter, so outputs and gradients are
-        unchanged. dt_proj reads the first R columns with the unpadded weight (its kernels mask the rank).
+        unchanged. dt_proj reads all R_pad columns (16-byte rows) with its unpadded (E, R) weight: its kernels mask the
+        weight's rank, so no padded copy of it is built per step.
         Returns the x_proj weight (R_pad + 2N, E).
         """
         R = self.dt_rank
@@ -148,12 +149,12 @@ class BiMambaMixer(nn.Module):
         # both depthwise convs + SiLU in one kernel: (B, L, E) x_f, x_b, contiguous
         x_f, x_b = ops.bimamba_conv(x, *conv)
         del x  # the last reference: freed before the scan
-        R, R_pad = self.dt_rank, xw_f.shape[0] - 2 * N
+        R_pad = xw_f.shape[0] - 2 * N
         dt_f, B_f, C_f = F.linear(x_f, xw_f).split([R_pad, N, N], dim=-1)  # (B, L, R_pad), (B, L, N) x2
         dt_b, B_b, C_b = F.linear(x_b, xw_b).split([R_pad, N, N], dim=-1)
         A_f, D_f, dt_bias_f = ssm_f
         A_b, D_b, dt_bias_b = ssm_b
-        dt_f, dt_b = ops.dt_proj(dt_f[..., :R], dtw_f, dt_b[..., :R], dtw_b)  # (B, L, E) each, one launch on CUDA
+        dt_f, dt_b = ops.dt_proj(dt_f, dtw_f, dt_b, dtw_b)  # (B, L, E) each, one launch on CUDA
         y = ops.bimamba_scan_into_x(x_f, dt_f, A_f, B_f, C_f, D_f, dt_bias_f, x_b, dt_b, A_b, B_b, C_b, D_b, dt_bias_b,
                                     z)  # (B, L, E), averaged and gated, in x_f's buffer
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)

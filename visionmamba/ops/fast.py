@@ -634,11 +634,13 @@ def _dt_proj_rows(cfg: dict, t: Tensor, rp: int) -> int:
 
 def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
     """Both directions' dt = dt_low @ W^T in one launch (`dt_proj_fwd_kernel`): a_* (..., R) with unit stride along R
-    (the dt_low columns of x_proj's output), w_* (E, R) in any layout, cast to a's dtype as F.linear under autocast
-    does. Returns dt_f, dt_b (..., E), contiguous, in a's dtype."""
+    (the dt_low columns of x_proj's output), w_* (E, R_w) in any layout, cast to a's dtype as F.linear under autocast
+    does; R_w <= R, a's columns past R_w being x_proj's zero padding. Returns dt_f, dt_b (..., E), contiguous, in a's
+    dtype."""
     from visionmamba.ops import _fast_kernels as K
 
     lead, R, E = a_f.shape[:-1], a_f.shape[-1], w_f.shape[0]
+    assert w_f.shape[1] <= R and w_b.shape == w_f.shape
     af, ab = _rows2d(a_f), _rows2d(a_b)
     M = af.shape[0]
     of = torch.empty((M, E), dtype=af.dtype, device=af.device)
@@ -647,7 +649,8 @@ def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tu
     BM = _dt_proj_rows(cfg, af, RP)
     grid = (triton_cdiv(M, BM), triton_cdiv(E, cfg["BE"]), 2)
     # w is converted to a's dtype tile by tile in the kernel (no cast launch)
-    K.dt_proj_fwd_kernel[grid](af, w_f, of, ab, w_b, ob, M, E, R, af.stride(0), w_f.stride(0), w_f.stride(1),
+    K.dt_proj_fwd_kernel[grid](af, w_f, of, ab, w_b, ob, M, E, R, w_f.shape[1], af.stride(0), w_f.stride(0),
+                               w_f.stride(1),
                                ab.stride(0), w_b.stride(0), w_b.stride(1), E, RP=RP, BM=BM, BE=cfg["BE"],
                                num_warps=cfg["num_warps"])
     return of.view(*lead, E), ob.view(*lead, E)
@@ -656,19 +659,20 @@ def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tu
 def dt_proj_bwd_triton(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor, w_b: Tensor,
                        da_f: Tensor, da_b: Tensor) -> Tensor:
     """Backward of `dt_proj_fwd_triton` in one launch (`dt_proj_bwd_kernel`), each ddt tile read once for both
-    products: writes d dt_low = g_* @ w_* into da_* ((rows, R), any row stride, unit stride along R; e.g. the dt_low
-    columns of x_proj's output gradient) and returns dW = g^T @ a, fp32 (2, E, R)."""
+    products: writes d dt_low = g_* @ w_* into da_* ((rows, R), any row stride, unit stride along R; zero past w's
+    R_w columns) and returns dW = g^T @ a[:, :R_w], fp32 (2, E, R_w)."""
     from visionmamba.ops import _fast_kernels as K
 
-    R, E = a_f.shape[-1], w_f.shape[0]
+    R, E, RW = a_f.shape[-1], w_f.shape[0], w_f.shape[1]
     gf, gb, af, ab = _rows2d(g_f), _rows2d(g_b), _rows2d(a_f), _rows2d(a_b)
     assert gf.stride(0) == gb.stride(0) and da_f.stride(0) == da_b.stride(0) and da_f.stride(1) == 1
     M = gf.shape[0]
-    dw = torch.zeros((2, E, R), dtype=torch.float32, device=gf.device)
+    dw = torch.zeros((2, E, RW), dtype=torch.float32, device=gf.device)
     cfg, RP = _config("dt_proj_bwd", E), _pow2_at_least_16(R)
     BM = _dt_proj_rows(cfg, gf, RP)
     K.dt_proj_bwd_kernel[(triton_cdiv(M, BM), 2)](
-        gf, af, w_f, da_f, gb, ab, w_b, da_b, dw, M, E, R, gf.stride(0), af.stride(0), w_f.stride(0), w_f.stride(1),
+        gf, af, w_f, da_f, gb, ab, w_b, da_b, dw, M, E, R, RW, gf.stride(0), af.stride(0), w_f.stride(0),
+        w_f.stride(1),
         ab.stride(0), w_b.stride(0), w_b.stride(1), da_f.stride(0), RP=RP, BM=BM, BE=cfg["BE"],
         num_warps=cfg["num_warps"])
     return dw
@@ -894,30 +898,33 @@ def _dt_proj_bwd_op(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Ten
 def _(g_f, a_f, w_f, g_b, a_b, w_b):
     R, E = a_f.shape[-1], w_f.shape[0]
     rows = g_f.numel() // g_f.shape[-1]
-    return g_f.new_empty((rows, R)), g_f.new_empty((rows, R)), g_f.new_empty((2, E, R), dtype=torch.float32)
+    return g_f.new_empty((rows, R)), g_f.new_empty((rows, R)), g_f.new_empty((2, *w_f.shape), dtype=torch.float32)
 
 
 def dt_proj(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
     """Both directions' dt = F.linear(dt_low, W) (no autograd; the mixer's `_BiMambaInner` and inference path): one
     Triton launch on CUDA (`dt_proj_fwd_triton`), two F.linear elsewhere. a_*: (..., R) in the matmuls' dtype (x_proj's
-    output), w_*: (E, R); the result is in a's dtype, as F.linear under autocast."""
+    output), w_*: (E, R_w), R_w <= R (a's columns past R_w: x_proj's zero padding, ignored); the result is in a's
+    dtype, as F.linear under autocast."""
     if a_f.is_cuda:
         return torch.ops.visionmamba.dt_proj(a_f, w_f, a_b, w_b)
-    return F.linear(a_f, w_f.to(a_f.dtype)), F.linear(a_b, w_b.to(a_b.dtype))
+    rw = w_f.shape[1]
+    return F.linear(a_f[..., :rw], w_f.to(a_f.dtype)), F.linear(a_b[..., :rw], w_b.to(a_b.dtype))
 
 
 def _dt_proj_backward(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor,
                       w_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of `dt_proj` from g_* = ddt (rows, E) in a's dtype: d dt_low (rows, R) per direction, in a's dtype,
-    and dW (E, R) per direction, in w's dtype. On CUDA one launch reads each ddt tile once for both products (dW summed
-    in fp32); elsewhere the matmuls autograd would run."""
-    R = a_f.shape[-1]
+    """Gradients of `dt_proj` from g_* = ddt (rows, E) in a's dtype: d dt_low (rows, R) per direction, in a's dtype
+    (zero past w's R_w columns), and dW (E, R_w) per direction, in w's dtype. On CUDA one launch reads each ddt tile
+    once for both products (dW summed in fp32); elsewhere the matmuls autograd would run."""
+    R, rw = a_f.shape[-1], w_f.shape[1]
     if g_f.is_cuda:
         da_f, da_b, dw = torch.ops.visionmamba.dt_proj_bwd(g_f, a_f, w_f, g_b, a_b, w_b)
         return da_f, da_b, dw[0].to(w_f.dtype), dw[1].to(w_b.dtype)
     cdt = a_f.dtype
-    return (g_f @ w_f.to(cdt), g_b @ w_b.to(cdt), (g_f.t() @ a_f.reshape(-1, R)).to(w_f.dtype),
-            (g_b.t() @ a_b.reshape(-1, R)).to(w_b.dtype))
+    da = [F.pad(g @ w.to(cdt), (0, R - rw)) for g, w in ((g_f, w_f), (g_b, w_b))]
+    return (*da, (g_f.t() @ a_f.reshape(-1, R)[:, :rw]).to(w_f.dtype),
+            (g_b.t() @ a_b.reshape(-1, R)[:, :rw]).to(w_b.dtype))
 
 
 def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -959,7 +966,8 @@ class _BiMambaInner(torch.autograd.Function):
         # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R_pad + 2N) = [dt_low | 0 | B | C], dt (B,
         # L, E)
         x_dbl_f, x_dbl_b = F.linear(x_f, x_proj_w_f), F.linear(x_b, x_proj_w_b)
-        dt_f, dt_b = dt_proj(x_dbl_f[..., :R], dt_proj_w_f, x_dbl_b[..., :R], dt_proj_w_b)
+        # dt_low with x_proj's zero padding: R_pad columns, a multiple of 8 (16-byte rows of bf16), load as vectors
+        dt_f, dt_b = dt_proj(x_dbl_f[..., :R_pad], dt_proj_w_f, x_dbl_b[..., :R_pad], dt_proj_w_b)
         y = torch.ops.visionmamba.bimamba_scan(*_inner_scan_inputs(R_pad, N, z, x_f, dt_f, x_dbl_f, A_f, D_f,
                                                                    dt_bias_f, x_b, dt_b, x_dbl_b, A_b, D_b,
                                                                    dt_bias_b))
@@ -987,13 +995,12 @@ class _BiMambaInner(torch.autograd.Function):
         cdt = x_dbl_f.dtype  # the matmuls' dtype in the forward (bf16 under autocast; also dB's and dC's)
         # dt_proj's gradients, both directions: d dt_low (B L, R) and dW (E, R); ddt is each direction's second gradient
         ddt_f, ddt_b = scan_grads[1].reshape(-1, E).to(cdt), scan_grads[8].reshape(-1, E).to(cdt)
-        d_dt_low_f, d_dt_low_b, out[6], out[11] = _dt_proj_backward(ddt_f, x_dbl_f[..., :R], dt_proj_w_f,
-                                                                    ddt_b, x_dbl_b[..., :R], dt_proj_w_b)
+        d_dt_low_f, d_dt_low_b, out[6], out[11] = _dt_proj_backward(ddt_f, x_dbl_f[..., :R_pad], dt_proj_w_f,
+                                                                    ddt_b, x_dbl_b[..., :R_pad], dt_proj_w_b)
         for d, (x_d, x_proj_w, d_dt_low) in enumerate(((x_f, x_proj_w_f, d_dt_low_f), (x_b, x_proj_w_b, d_dt_low_b))):
             dx, _, dA, dB, dC, dD, dbias = scan_grads[7 * d:7 * d + 7]
-            # (B L, R_pad + 2N): the zero rows of x_proj past R get zero gradient
-            pad = [d_dt_low.new_zeros(d_dt_low.shape[0], R_pad - R)] if R_pad > R else []
-            d_dbl = torch.cat([d_dt_low, *pad, dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)
+            # (B L, R_pad + 2N); d dt_low is zero past R (the zero rows of x_proj)
+            d_dbl = torch.cat([d_dt_low, dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)
             # x_proj's dgrad added to the scan's dx by the GEMM: (B L, E)
             _addmm_into(dx, d_dbl, x_proj_w.to(cdt))
             dx_total.append(dx)

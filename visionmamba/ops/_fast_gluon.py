@@ -248,7 +248,7 @@ def _fwd_pass(x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, z_ptr, out_pt
         if FIRST:
             gl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_r)
         else:
-            gl.store(o_ptrs, ((prev + y) * 0.5 * (z * _sigmoid_ftz(z))).to(out_ptr.dtype.element_ty), mask=m_r)
+            gl.store(o_ptrs, _gate(prev, y, z).to(out_ptr.dtype.element_ty), mask=m_r)
 
 
 @gluon.jit
@@ -362,12 +362,15 @@ def _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base, 
                K, L, H, d_r, d_bc, e_r, e_mask, n_bc, T: gl.constexpr, LROW: gl.constexpr, LBC: gl.constexpr):
     """Start of step c: one barrier (step c's B, C, stored last step, are visible; every thread is done with step
     c - 1's buffer, which step c + 1's B, C overwrite now; y stored by the other direction in earlier steps is
-    visible), and step c + 2's tiles put in flight (z from step H on, where the gating starts)."""
+    visible), and step c + 2's tiles put in flight (z from step H on, where the gating starts). Returns those tiles
+    and step c's token rows (2, T) and (2, T, BLOCK_E) mask in LROW."""
     _cta_barrier()
     b_smem.index(1 - c % 2).store(nB)
     c_smem.index(1 - c % 2).store(nC)
-    return _dirs_inputs(x_base, x_sl, dt_base, dt_sl, b_base, b_sl, c_base, c_sl, z_base, s_zl, c + 2, K, L,
-                        c + 2 >= H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW, LBC)
+    nx, ndt, nz, nB, nC = _dirs_inputs(x_base, x_sl, dt_base, dt_sl, b_base, b_sl, c_base, c_sl, z_base, s_zl, c + 2,
+                                       K, L, c + 2 >= H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW, LBC)
+    t_r, v_r = _dir_rows(c, K, L, T, d_r, gl.SliceLayout(0, gl.SliceLayout(2, LROW)))
+    return nx, ndt, nz, nB, nC, t_r, v_r[:, :, None] & e_mask
 
 
 @gluon.jit
@@ -462,11 +465,9 @@ def bimamba_fwd_dirs_gluon_kernel(
     for c in range(0, K - H):
         x, dt, z = cx, cdt, cz
         cx, cdt, cz = nx, ndt, nz
-        nx, ndt, nz, nB, nC = _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base, b_sl,
-                                         c_base, c_sl, z_base, s_zl, K, L, H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW,
-                                         LBC)
-        t_r, v_r = _dir_rows(c, K, L, T, d_r, gl.SliceLayout(0, gl.SliceLayout(2, LROW)))
-        m_r = v_r[:, :, None] & e_mask
+        nx, ndt, nz, nB, nC, t_r, m_r = _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base,
+                                                   b_sl, c_base, c_sl, z_base, s_zl, K, L, H, d_r, d_bc, e_r, e_mask,
+                                                   n_bc, T, LROW, LBC)
         cols = e_r[None, None, :]
         own_ptrs = own_base[:, :, None] + (t_r * own_sl)[:, :, None] + cols
         h, y = _dirs_chunk(h, x, dt, m_r, A2, Dv, bias, b_smem.index(c % 2), c_smem.index(c % 2), rows4, T,
@@ -484,11 +485,9 @@ def bimamba_fwd_dirs_gluon_kernel(
     for c in range(K - H, K):
         x, dt, z = cx, cdt, cz
         cx, cdt, cz = nx, ndt, nz
-        nx, ndt, nz, nB, nC = _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base, b_sl,
-                                         c_base, c_sl, z_base, s_zl, K, L, H, d_r, d_bc, e_r, e_mask, n_bc, T, LROW,
-                                         LBC)
-        t_r, v_r = _dir_rows(c, K, L, T, d_r, gl.SliceLayout(0, gl.SliceLayout(2, LROW)))
-        m_r = v_r[:, :, None] & e_mask
+        nx, ndt, nz, nB, nC, t_r, m_r = _dirs_step(b_smem, c_smem, c, nB, nC, x_base, x_sl, dt_base, dt_sl, b_base,
+                                                   b_sl, c_base, c_sl, z_base, s_zl, K, L, H, d_r, d_bc, e_r, e_mask,
+                                                   n_bc, T, LROW, LBC)
         cols = e_r[None, None, :]
         # the other direction's y, in flight while the chunk computes
         prev = gl.load(other_base[:, :, None] + (t_r * other_sl)[:, :, None] + cols, mask=m_r,

@@ -527,14 +527,14 @@ def bimamba_conv_bwd_dx_kernel(gp_ptr, wf_ptr, wb_ptr, dx_ptr, B, L, E,
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dt_proj_fwd_tile(a_ptr, w_ptr, o_ptr, M, E, R, RW, s_am, s_we, s_wr, s_om, pid_m, pid_e,
-                      RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
+def _dt_proj_fwd_tile(a_ptr, w_ptr, o_ptr, M, E, R, s_am, s_om, pid_m, pid_e,
+                      RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
     m = pid_m * BM + tl.arange(0, BM)
     e = pid_e * BE + tl.arange(0, BE)
     r = tl.arange(0, RP)
     a = tl.load(a_ptr + m[:, None].to(tl.int64) * s_am + r[None, :], mask=(m < M)[:, None] & (r < R)[None, :],
                 other=0.0)  # (BM, RP)
-    wt = tl.load(w_ptr + e[None, :] * s_we + r[:, None] * s_wr, mask=(e < E)[None, :] & (r < RW)[:, None],
+    wt = tl.load(w_ptr + e[None, :] * RW + r[:, None], mask=(e < E)[None, :] & (r < RW)[:, None],
                  other=0.0)  # (RP, BE) = W^T
     acc = tl.dot(a, wt.to(a.dtype), input_precision="ieee")
     tl.store(o_ptr + m[:, None].to(tl.int64) * s_om + e[None, :], acc.to(o_ptr.dtype.element_ty),
@@ -542,22 +542,24 @@ def _dt_proj_fwd_tile(a_ptr, w_ptr, o_ptr, M, E, R, RW, s_am, s_we, s_wr, s_om, 
 
 
 @triton.jit
-def dt_proj_fwd_kernel(af_ptr, wf_ptr, of_ptr, ab_ptr, wb_ptr, ob_ptr, M, E, R, RW,
-                       s_afm, s_wfe, s_wfr, s_abm, s_wbe, s_wbr, s_om,
-                       RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
+def dt_proj_fwd_kernel(af_ptr, wf_ptr, of_ptr, ab_ptr, wb_ptr, ob_ptr, M, E, R, s_afm, s_abm, s_om,
+                       RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
     """out_d (M, E) = a_d (M, R) @ w_d (E, RW)^T for d = f, b (grid axis 2), RW <= R: a's columns past RW (zeros:
     x_proj's padding, which keeps R a multiple of 8 so a's tiles load as vectors) meet zero weights. a rows s_*m apart
-    with unit stride along R, w with any strides, outputs contiguous. RP: R rounded up to a power of two >= 16."""
+    with unit stride along R, w contiguous, outputs contiguous. RP: R rounded up to a power of two >= 16. RW is a
+    compile-time constant: with it the weight's rows (RW fp32, 48 bytes for Vim-T) are known 16-byte aligned and its
+    mask uniform per 4 columns, so the weight loads as vectors (a runtime RW of 12 made them scalar: +0.17 ms per
+    Vim-T training step)."""
     pid_m, pid_e = tl.program_id(0), tl.program_id(1)
     if tl.program_id(2) == 0:
-        _dt_proj_fwd_tile(af_ptr, wf_ptr, of_ptr, M, E, R, RW, s_afm, s_wfe, s_wfr, s_om, pid_m, pid_e, RP, BM, BE)
+        _dt_proj_fwd_tile(af_ptr, wf_ptr, of_ptr, M, E, R, s_afm, s_om, pid_m, pid_e, RW, RP, BM, BE)
     else:
-        _dt_proj_fwd_tile(ab_ptr, wb_ptr, ob_ptr, M, E, R, RW, s_abm, s_wbe, s_wbr, s_om, pid_m, pid_e, RP, BM, BE)
+        _dt_proj_fwd_tile(ab_ptr, wb_ptr, ob_ptr, M, E, R, s_abm, s_om, pid_m, pid_e, RW, RP, BM, BE)
 
 
 @triton.jit
-def _dt_proj_bwd_rows(g_ptr, a_ptr, w_ptr, da_ptr, dw_ptr, M, E, R, RW, s_gm, s_am, s_we, s_wr, s_dam, pid_m,
-                      RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
+def _dt_proj_bwd_rows(g_ptr, a_ptr, w_ptr, da_ptr, dw_ptr, M, E, R, s_gm, s_am, s_dam, pid_m,
+                      RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
     m = pid_m * BM + tl.arange(0, BM)
     r = tl.arange(0, RP)
     m_mask = (m < M)[:, None]
@@ -569,7 +571,7 @@ def _dt_proj_bwd_rows(g_ptr, a_ptr, w_ptr, da_ptr, dw_ptr, M, E, R, RW, s_gm, s_
         e = e0 + tl.arange(0, BE)
         e_mask = (e < E)[None, :]
         g = tl.load(g_ptr + m64 * s_gm + e[None, :], mask=m_mask & e_mask, other=0.0)  # (BM, BE) of ddt
-        w = tl.load(w_ptr + e[:, None] * s_we + r[None, :] * s_wr, mask=(e < E)[:, None] & (r < RW)[None, :],
+        w = tl.load(w_ptr + e[:, None] * RW + r[None, :], mask=(e < E)[:, None] & (r < RW)[None, :],
                     other=0.0)
         acc += tl.dot(g, w.to(g.dtype), input_precision="ieee")  # d dt_low += ddt W
         dw = tl.dot(tl.trans(g), a, input_precision="ieee")  # (BE, RP): this row tile's share of ddt^T dt_low
@@ -579,16 +581,17 @@ def _dt_proj_bwd_rows(g_ptr, a_ptr, w_ptr, da_ptr, dw_ptr, M, E, R, RW, s_gm, s_
 
 
 @triton.jit
-def dt_proj_bwd_kernel(gf_ptr, af_ptr, wf_ptr, daf_ptr, gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr, M, E, R, RW,
-                       s_gm, s_afm, s_wfe, s_wfr, s_abm, s_wbe, s_wbr, s_dam,
-                       RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
+def dt_proj_bwd_kernel(gf_ptr, af_ptr, wf_ptr, daf_ptr, gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr, M, E, R,
+                       s_gm, s_afm, s_abm, s_dam,
+                       RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
     """For d = f, b (grid axis 1): da_d (M, R) = g_d (M, E) @ w_d (E, RW) (zero past RW) and dw[d] (E, RW) += g_d^T @
     a_d, reading each g_d tile once. g_d rows s_gm apart (unit stride along E), a_d rows s_*m apart, da_d rows s_dam
-    apart, dw a zeroed contiguous fp32 (2, E, RW)."""
+    apart, w contiguous (RW a compile-time constant, as in `dt_proj_fwd_kernel`), dw a zeroed contiguous fp32 (2, E,
+    RW)."""
     pid_m = tl.program_id(0)
     if tl.program_id(1) == 0:
-        _dt_proj_bwd_rows(gf_ptr, af_ptr, wf_ptr, daf_ptr, dw_ptr, M, E, R, RW, s_gm, s_afm, s_wfe, s_wfr, s_dam,
-                          pid_m, RP, BM, BE)
+        _dt_proj_bwd_rows(gf_ptr, af_ptr, wf_ptr, daf_ptr, dw_ptr, M, E, R, s_gm, s_afm, s_dam, pid_m, RW, RP, BM,
+                          BE)
     else:
-        _dt_proj_bwd_rows(gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr + E * RW, M, E, R, RW, s_gm, s_abm, s_wbe, s_wbr,
-                          s_dam, pid_m, RP, BM, BE)
+        _dt_proj_bwd_rows(gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr + E * RW, M, E, R, s_gm, s_abm, s_dam, pid_m, RW,
+                          RP, BM, BE)

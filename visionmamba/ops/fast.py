@@ -634,9 +634,9 @@ def _dt_proj_rows(cfg: dict, t: Tensor, rp: int) -> int:
 
 def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
     """Both directions' dt = dt_low @ W^T in one launch (`dt_proj_fwd_kernel`): a_* (..., R) with unit stride along R
-    (the dt_low columns of x_proj's output), w_* (E, R_w) in any layout, cast to a's dtype as F.linear under autocast
-    does; R_w <= R, a's columns past R_w being x_proj's zero padding. Returns dt_f, dt_b (..., E), contiguous, in a's
-    dtype."""
+    (the dt_low columns of x_proj's output), w_* (E, R_w) (made contiguous: a parameter is), cast to a's dtype as
+    F.linear under autocast does; R_w <= R, a's columns past R_w being x_proj's zero padding. Returns dt_f, dt_b (...,
+    E), contiguous, in a's dtype."""
     from visionmamba.ops import _fast_kernels as K
 
     lead, R, E = a_f.shape[:-1], a_f.shape[-1], w_f.shape[0]
@@ -648,11 +648,9 @@ def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tu
     cfg, RP = _config("dt_proj_fwd", E), _pow2_at_least_16(R)
     BM = _dt_proj_rows(cfg, af, RP)
     grid = (triton_cdiv(M, BM), triton_cdiv(E, cfg["BE"]), 2)
-    # w is converted to a's dtype tile by tile in the kernel (no cast launch)
-    K.dt_proj_fwd_kernel[grid](af, w_f, of, ab, w_b, ob, M, E, R, w_f.shape[1], af.stride(0), w_f.stride(0),
-                               w_f.stride(1),
-                               ab.stride(0), w_b.stride(0), w_b.stride(1), E, RP=RP, BM=BM, BE=cfg["BE"],
-                               num_warps=cfg["num_warps"])
+    # w is converted to a's dtype tile by tile in the kernel (no cast launch); parameters are contiguous already
+    K.dt_proj_fwd_kernel[grid](af, w_f.contiguous(), of, ab, w_b.contiguous(), ob, M, E, R, af.stride(0), ab.stride(0),
+                               E, RW=w_f.shape[1], RP=RP, BM=BM, BE=cfg["BE"], num_warps=cfg["num_warps"])
     return of.view(*lead, E), ob.view(*lead, E)
 
 
@@ -671,10 +669,8 @@ def dt_proj_bwd_triton(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: 
     cfg, RP = _config("dt_proj_bwd", E), _pow2_at_least_16(R)
     BM = _dt_proj_rows(cfg, gf, RP)
     K.dt_proj_bwd_kernel[(triton_cdiv(M, BM), 2)](
-        gf, af, w_f, da_f, gb, ab, w_b, da_b, dw, M, E, R, RW, gf.stride(0), af.stride(0), w_f.stride(0),
-        w_f.stride(1),
-        ab.stride(0), w_b.stride(0), w_b.stride(1), da_f.stride(0), RP=RP, BM=BM, BE=cfg["BE"],
-        num_warps=cfg["num_warps"])
+        gf, af, w_f.contiguous(), da_f, gb, ab, w_b.contiguous(), da_b, dw, M, E, R, gf.stride(0), af.stride(0),
+        ab.stride(0), da_f.stride(0), RW=RW, RP=RP, BM=BM, BE=cfg["BE"], num_warps=cfg["num_warps"])
     return dw
 
 

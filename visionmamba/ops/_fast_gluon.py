@@ -27,8 +27,9 @@ work of the walks and of 2b (loads, softplus, gating, the dx / dΔ / dz terms, s
 of a channel's lanes takes its own rows, instead of both lanes repeating it: Δ, Δx, gy go to the state layout and
 y, s1, s2 come back (H200, B 128, L 197, E 384: 396 M warp instructions instead of 517 M, backward launch 0.733
 against 0.761 ms, the walk's loop 539 instead of 685 SASS instructions per step and 2b's 569 instead of 648 per chunk;
-B 32, L 6085: 6.86 against 8.10 ms). The kernel is now as much L1 / shared-memory bound (74.6 % L1/TEX throughput) as
-issue bound (55 % of issue slots).
+B 32, L 6085: 6.86 against 8.10 ms). The kernel is as much L1 / shared-memory bound as issue bound: the dB / dC
+terms' tile is swizzled per 32-bank line (`_terms_layout`) and the scratch is thread-major (`_scratch_slot`), which
+took the L1 data pipe from 80 % to 75 % of its wavefronts and the launch from 0.735 to 0.685 ms at E 384 (H200).
 
 Why: compiled offline for sm_90 (triton 3.6), the Triton backward's chunk loop took ~58 SASS instructions per state
 element, 25 of them shuffles (the compiler spreads N over 4-16 lanes, converts every per-token tile between its load

@@ -279,14 +279,14 @@ def test_backward_dbdc_terms_move_through_shared_memory_without_bank_conflicts(n
     # the read-back: reduce_layout's (rows, channels, states) thread grid, one register repetition at a time
     for block_e, num_warps in ((32 // n_l, 1), (2 * 32 // n_l, 2)):
         rl = G.reduce_layout(2, n, block_e, num_warps, red_k=2)
-        (tw_t, tw_e, tw_n), (v,) = rl.threads_per_warp, rl.size_per_thread[2:]
-        rows, we = 2 * 2, rl.warps_per_cta[1]
+        (_, tw_e, tw_n), (v,) = rl.threads_per_warp, rl.size_per_thread[2:]
+        we = rl.warps_per_cta[1]
         reps = block_e // (tw_e * we)
         for rep in range(reps):
             words = []
             for lane in range(32):
                 it, ie, i_n = lane // (tw_e * tw_n), (lane // tw_n) % tw_e, lane % tw_n
                 c = ie + rep * tw_e * we  # warp 0's channels
-                row_base = (it % rows) * block_e * n  # each (token) slot its own (BLOCK_E, N) tile
+                row_base = it * block_e * n  # each (token) slot its own (BLOCK_E, N) tile
                 words += [row_base + _swizzled(layout, c, i_n * v + i, n) for i in range(v)]
             assert _words_per_bank(words) == v, (n, n_l, rep)

@@ -267,6 +267,15 @@ def _dt_proj_worker(case_json: str) -> None:
         report[f"dw{d}"] = rel(dw[d], gy[d].t() @ a[d][:, :RW])
         report[f"untouched{d}"] = float((d_dbl[d][:, R:] != 7.0).sum())
         report[f"pad_nonzero{d}"] = float((d_dbl[d][:, RW:R] != 0.0).sum())
+    # with the scan backward's dB / dC: whole rows of d x_dbl = [d dt_low | dB | dC], the same d dt_low and dW
+    N = (K - R) // 2
+    dBC = torch.randn(4, M, N, generator=g)
+    d_dbl_bc = torch.full((2, M, K), 7.0)
+    dw_bc = fast.dt_proj_bwd_triton(gy[0], a[0], w[0], gy[1], a[1], w[1], d_dbl_bc[0], d_dbl_bc[1], dBC)
+    for d in range(2):
+        report[f"mismatch_dt_low{d}"] = float((d_dbl_bc[d][:, :R] != d_dbl[d][:, :R]).sum())
+        report[f"mismatch_bc{d}"] = float((d_dbl_bc[d][:, R:] != torch.cat([dBC[2 * d], dBC[2 * d + 1]], 1)).sum())
+        report[f"dw_bc{d}"] = rel(dw_bc[d], gy[d].t() @ a[d][:, :RW])
     print("RESULT " + json.dumps(report))
 
 
@@ -461,7 +470,10 @@ def test_fast_dt_proj_interpreter_matches_matmuls(case):
     assert all(report[f"untouched{d}"] == 0 for d in range(2)), report  # only the dt_low columns are written
     # past W's rank, d dt_low is written as zeros (the gradient of x_proj's zero rows)
     assert all(report[f"pad_nonzero{d}"] == 0 for d in range(2)), report
-    assert max(v for k, v in report.items() if not k.startswith(("untouched", "pad_nonzero"))) < 1e-5, report
+    # given dB / dC, the rest of each row is them, copied exactly, and the d dt_low part is unchanged
+    assert all(v == 0 for k, v in report.items() if k.startswith("mismatch")), report
+    assert max(v for k, v in report.items() if not k.startswith(("untouched", "pad_nonzero", "mismatch"))) < 1e-5, \
+        report
 
 
 def test_fast_dt_proj_cpu_path_is_the_matmuls():

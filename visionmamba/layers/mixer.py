@@ -134,12 +134,17 @@ class BiMambaMixer(nn.Module):
         """
         E, N = self.d_inner, self.d_state
         w, bias = self.in_proj.weight, self.in_proj.bias
-        conv = (self.conv1d.weight[:, 0], self._conv_bias(self.conv1d), self.conv1d_b.weight[:, 0],
-                self._conv_bias(self.conv1d_b))  # (E, W), (E,) per direction
+        # (E, W), (E,) per direction; flatten, not [:, 0]: a view's gradient is a view (select's backward would
+        # build a zeroed (E, 1, W) tensor and copy into it, a kernel per weight and step)
+        conv = (self.conv1d.weight.flatten(1), self._conv_bias(self.conv1d), self.conv1d_b.weight.flatten(1),
+                self._conv_bias(self.conv1d_b))
         xw_f, xw_b = self._padded_x_proj_weight(self.x_proj.weight), self._padded_x_proj_weight(self.x_proj_b.weight)
         dtw_f, dtw_b = self.dt_proj.weight, self.dt_proj_b.weight  # (E, R)
-        ssm_f = (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float())  # A, D, dt_bias
-        ssm_b = (-torch.exp(self.A_b_log.float()), self.D_b.float(), self.dt_proj_b.bias.float())
+        # A = -exp(A_log) of both directions at once: under torch.compile one kernel each way (forward, and dA_log =
+        # dA * A in the backward) instead of one per direction
+        A_f, A_b = (-torch.exp(torch.stack([self.A_log, self.A_b_log]).float())).unbind(0)  # (E, N) each
+        ssm_f = (A_f, self.D.float(), self.dt_proj.bias.float())  # A, D, dt_bias
+        ssm_b = (A_b, self.D_b.float(), self.dt_proj_b.bias.float())
         if torch.is_grad_enabled():
             xz = F.linear(hidden_states, w, bias)  # (B, L, 2E) = [x | z]
             y = ops.bimamba_inner(xz, *conv, xw_f, dtw_f, *ssm_f, xw_b, dtw_b, *ssm_b)  # (B, L, E)

@@ -558,8 +558,8 @@ def dt_proj_fwd_kernel(af_ptr, wf_ptr, of_ptr, ab_ptr, wb_ptr, ob_ptr, M, E, R, 
 
 
 @triton.jit
-def _dt_proj_bwd_rows(g_ptr, a_ptr, w_ptr, da_ptr, dw_ptr, M, E, R, s_gm, s_am, s_dam, pid_m,
-                      RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
+def _dt_proj_bwd_rows(g_ptr, a_ptr, w_ptr, da_ptr, dw_ptr, bc_ptr, M, E, R, s_gm, s_am, s_dam, pid_m,
+                      RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, N: tl.constexpr):
     m = pid_m * BM + tl.arange(0, BM)
     r = tl.arange(0, RP)
     m_mask = (m < M)[:, None]
@@ -578,20 +578,29 @@ def _dt_proj_bwd_rows(g_ptr, a_ptr, w_ptr, da_ptr, dw_ptr, M, E, R, s_gm, s_am, 
         tl.atomic_add(dw_ptr + e[:, None] * RW + r[None, :], dw, mask=(e < E)[:, None] & (r < RW)[None, :],
                       sem="relaxed")
     tl.store(da_ptr + m64 * s_dam + r[None, :], acc.to(da_ptr.dtype.element_ty), mask=m_mask & r_mask)
+    if N > 0:
+        # the rest of the row of d x_dbl = [d dt_low | dB | dC]: this row tile of the scan backward's fp32 channel
+        # sums dB, dC (bc_ptr: dB's (M, N), dC's M * N elements after it), cast, so no separate cat builds the
+        # x_proj GEMMs' operand
+        n2 = tl.arange(0, 2 * N)
+        col = tl.where(n2 < N, n2, n2 - N + M * N).to(tl.int64)  # dC's rows start M * N elements after dB's
+        bc = tl.load(bc_ptr + m64 * N + col[None, :], mask=m_mask)  # (BM, 2N)
+        tl.store(da_ptr + m64 * s_dam + R + n2[None, :], bc.to(da_ptr.dtype.element_ty), mask=m_mask)
 
 
 @triton.jit
-def dt_proj_bwd_kernel(gf_ptr, af_ptr, wf_ptr, daf_ptr, gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr, M, E, R,
+def dt_proj_bwd_kernel(gf_ptr, af_ptr, wf_ptr, daf_ptr, gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr, bc_ptr, M, E, R,
                        s_gm, s_afm, s_abm, s_dam,
-                       RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr):
+                       RW: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, N: tl.constexpr):
     """For d = f, b (grid axis 1): da_d (M, R) = g_d (M, E) @ w_d (E, RW) (zero past RW) and dw[d] (E, RW) += g_d^T @
     a_d, reading each g_d tile once. g_d rows s_gm apart (unit stride along E), a_d rows s_*m apart, da_d rows s_dam
     apart, w contiguous (RW a compile-time constant, as in `dt_proj_fwd_kernel`), dw a zeroed contiguous fp32 (2, E,
-    RW)."""
+    RW). With N > 0, bc_ptr is the scan backward's dBC (4, M, N) fp32 = dB_f, dC_f, dB_b, dC_b, and each da_d row goes
+    on past its R columns with d's dB and dC (2N columns, cast to da's dtype)."""
     pid_m = tl.program_id(0)
     if tl.program_id(1) == 0:
-        _dt_proj_bwd_rows(gf_ptr, af_ptr, wf_ptr, daf_ptr, dw_ptr, M, E, R, s_gm, s_afm, s_dam, pid_m, RW, RP, BM,
-                          BE)
+        _dt_proj_bwd_rows(gf_ptr, af_ptr, wf_ptr, daf_ptr, dw_ptr, bc_ptr, M, E, R, s_gm, s_afm, s_dam, pid_m, RW, RP,
+                          BM, BE, N)
     else:
-        _dt_proj_bwd_rows(gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr + E * RW, M, E, R, s_gm, s_abm, s_dam, pid_m, RW,
-                          RP, BM, BE)
+        _dt_proj_bwd_rows(gb_ptr, ab_ptr, wb_ptr, dab_ptr, dw_ptr + E * RW, bc_ptr + 2 * M * N, M, E, R, s_gm, s_abm,
+                          s_dam, pid_m, RW, RP, BM, BE, N)

@@ -655,22 +655,27 @@ def dt_proj_fwd_triton(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tu
 
 
 def dt_proj_bwd_triton(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor, w_b: Tensor,
-                       da_f: Tensor, da_b: Tensor) -> Tensor:
+                       da_f: Tensor, da_b: Tensor, dBC: Optional[Tensor] = None) -> Tensor:
     """Backward of `dt_proj_fwd_triton` in one launch (`dt_proj_bwd_kernel`), each ddt tile read once for both
     products: writes d dt_low = g_* @ w_* into da_* ((rows, R), any row stride, unit stride along R; zero past w's
-    R_w columns) and returns dW = g^T @ a[:, :R_w], fp32 (2, E, R_w)."""
+    R_w columns) and returns dW = g^T @ a[:, :R_w], fp32 (2, E, R_w). With dBC (the scan backward's (4, ..., N) fp32
+    dB_f, dC_f, dB_b, dC_b), da_* are (rows, R + 2N) and get [d dt_low | dB | dC]: the whole gradient of x_proj's
+    output."""
     from visionmamba.ops import _fast_kernels as K
 
     R, E, RW = a_f.shape[-1], w_f.shape[0], w_f.shape[1]
     gf, gb, af, ab = _rows2d(g_f), _rows2d(g_b), _rows2d(a_f), _rows2d(a_b)
     assert gf.stride(0) == gb.stride(0) and da_f.stride(0) == da_b.stride(0) and da_f.stride(1) == 1
     M = gf.shape[0]
+    N = 0 if dBC is None else dBC.shape[-1]
+    assert da_f.shape == (M, R + 2 * N) and (dBC is None or (dBC.is_contiguous() and dBC.numel() == 4 * M * N))
     dw = torch.zeros((2, E, RW), dtype=torch.float32, device=gf.device)
     cfg, RP = _config("dt_proj_bwd", E), _pow2_at_least_16(R)
     BM = _dt_proj_rows(cfg, gf, RP)
     K.dt_proj_bwd_kernel[(triton_cdiv(M, BM), 2)](
-        gf, af, w_f.contiguous(), da_f, gb, ab, w_b.contiguous(), da_b, dw, M, E, R, gf.stride(0), af.stride(0),
-        ab.stride(0), da_f.stride(0), RW=RW, RP=RP, BM=BM, BE=cfg["BE"], num_warps=cfg["num_warps"])
+        gf, af, w_f.contiguous(), da_f, gb, ab, w_b.contiguous(), da_b, dw, dw if dBC is None else dBC, M, E, R,
+        gf.stride(0), af.stride(0), ab.stride(0), da_f.stride(0), RW=RW, RP=RP, BM=BM, BE=cfg["BE"], N=N,
+        num_warps=cfg["num_warps"])
     return dw
 
 
@@ -881,20 +886,23 @@ def _(a_f, w_f, a_b, w_b):
     return a_f.new_empty(shape), a_b.new_empty(shape)
 
 
+def _d_dbl_shape(g_f: Tensor, a_f: Tensor, dBC: Optional[Tensor]) -> tuple[int, int]:
+    """(rows, R [+ 2N]) of `dt_proj_bwd`'s first two outputs."""
+    return g_f.numel() // g_f.shape[-1], a_f.shape[-1] + (0 if dBC is None else 2 * dBC.shape[-1])
+
+
 @torch.library.custom_op("visionmamba::dt_proj_bwd", mutates_args=())
 def _dt_proj_bwd_op(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor,
-                    w_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    R = a_f.shape[-1]
-    da_f = g_f.new_empty((g_f.numel() // g_f.shape[-1], R))
+                    w_b: Tensor, dBC: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    da_f = g_f.new_empty(_d_dbl_shape(g_f, a_f, dBC))
     da_b = torch.empty_like(da_f)
-    return da_f, da_b, dt_proj_bwd_triton(g_f, a_f, w_f, g_b, a_b, w_b, da_f, da_b)
+    return da_f, da_b, dt_proj_bwd_triton(g_f, a_f, w_f, g_b, a_b, w_b, da_f, da_b, dBC)
 
 
 @_dt_proj_bwd_op.register_fake
-def _(g_f, a_f, w_f, g_b, a_b, w_b):
-    R, E = a_f.shape[-1], w_f.shape[0]
-    rows = g_f.numel() // g_f.shape[-1]
-    return g_f.new_empty((rows, R)), g_f.new_empty((rows, R)), g_f.new_empty((2, *w_f.shape), dtype=torch.float32)
+def _(g_f, a_f, w_f, g_b, a_b, w_b, dBC=None):
+    shape = _d_dbl_shape(g_f, a_f, dBC)
+    return g_f.new_empty(shape), g_f.new_empty(shape), g_f.new_empty((2, *w_f.shape), dtype=torch.float32)
 
 
 def dt_proj(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -908,17 +916,23 @@ def dt_proj(a_f: Tensor, w_f: Tensor, a_b: Tensor, w_b: Tensor) -> tuple[Tensor,
     return F.linear(a_f[..., :rw], w_f.to(a_f.dtype)), F.linear(a_b[..., :rw], w_b.to(a_b.dtype))
 
 
-def _dt_proj_backward(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor,
-                      w_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _dt_proj_backward(g_f: Tensor, a_f: Tensor, w_f: Tensor, g_b: Tensor, a_b: Tensor, w_b: Tensor,
+                      dBC: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `dt_proj` from g_* = ddt (rows, E) in a's dtype: d dt_low (rows, R) per direction, in a's dtype
-    (zero past w's R_w columns), and dW (E, R_w) per direction, in w's dtype. On CUDA one launch reads each ddt tile
-    once for both products (dW summed in fp32); elsewhere the matmuls autograd would run."""
+    (zero past w's R_w columns), and dW (E, R_w) per direction, in w's dtype. With dBC ((4, ..., N) fp32: dB_f, dC_f,
+    dB_b, dC_b) the first two are instead the rows of d x_dbl = [d dt_low | dB | dC] (rows, R + 2N), in a's dtype.
+    On CUDA one launch reads each ddt tile once for both products (dW summed in fp32) and writes the dB / dC columns;
+    elsewhere the matmuls autograd would run, and a cat."""
     R, rw = a_f.shape[-1], w_f.shape[1]
     if g_f.is_cuda:
-        da_f, da_b, dw = torch.ops.visionmamba.dt_proj_bwd(g_f, a_f, w_f, g_b, a_b, w_b)
+        da_f, da_b, dw = torch.ops.visionmamba.dt_proj_bwd(g_f, a_f, w_f, g_b, a_b, w_b, dBC)
         return da_f, da_b, dw[0].to(w_f.dtype), dw[1].to(w_b.dtype)
     cdt = a_f.dtype
     da = [F.pad(g @ w.to(cdt), (0, R - rw)) for g, w in ((g_f, w_f), (g_b, w_b))]
+    if dBC is not None:
+        N = dBC.shape[-1]
+        da = [torch.cat([d, dBC[2 * i].reshape(-1, N).to(cdt), dBC[2 * i + 1].reshape(-1, N).to(cdt)], dim=1)
+              for i, d in enumerate(da)]
     return (*da, (g_f.t() @ a_f.reshape(-1, R)[:, :rw]).to(w_f.dtype),
             (g_b.t() @ a_b.reshape(-1, R)[:, :rw]).to(w_b.dtype))
 
@@ -961,6 +975,10 @@ class _BiMambaInner(torch.autograd.Function):
         x_f, x_b = torch.ops.visionmamba.bimamba_conv(x, conv_w_f, conv_b_f, conv_w_b, conv_b_b)
         # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R_pad + 2N) = [dt_low | 0 | B | C], dt (B,
         # L, E)
+        # the weights cast here (F.linear under autocast would cast them too) and saved in that dtype: the backward's
+        # x_proj dgrad uses them as they are, with no cast of its own
+        ctx.x_proj_dtype = x_proj_w_f.dtype
+        x_proj_w_f, x_proj_w_b = x_proj_w_f.to(x_f.dtype), x_proj_w_b.to(x_b.dtype)
         x_dbl_f, x_dbl_b = F.linear(x_f, x_proj_w_f), F.linear(x_b, x_proj_w_b)
         # dt_low with x_proj's zero padding: R_pad columns, a multiple of 8 (16-byte rows of bf16), load as vectors
         dt_f, dt_b = dt_proj(x_dbl_f[..., :R_pad], dt_proj_w_f, x_dbl_b[..., :R_pad], dt_proj_w_b)
@@ -982,29 +1000,27 @@ class _BiMambaInner(torch.autograd.Function):
         scan_inputs = _inner_scan_inputs(R_pad, N, xz[..., E:], x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
                                          x_b, dt_b, x_dbl_b, A_b, D_b, dt_bias_b)
         d_xz = torch.empty(xz.shape, dtype=xz.dtype, device=xz.device)  # (B, L, 2E) = [dx | dz]
+        # dx_*, ddt_* (B, L, E) in the inputs' dtypes (dz is already in d_xz); dBC, dpar fp32 (`_pack_grads`)
         dx_f, ddt_f, dx_b, ddt_b, dBC, dpar = torch.ops.visionmamba.bimamba_scan_bwd_xz(
             grad.contiguous(), *scan_inputs, d_xz)
-        # per direction [dx, ddt, dA, dB, dC, dD, d dt_bias] in the inputs' dtypes (dz is already in d_xz)
-        scan_grads = _unpack_grads([dx_f, ddt_f, dx_b, ddt_b, None, dBC, dpar], scan_inputs)
         out = [None] * 15
-        dx_total = []
-        cdt = x_dbl_f.dtype  # the matmuls' dtype in the forward (bf16 under autocast; also dB's and dC's)
-        # dt_proj's gradients, both directions: d dt_low (B L, R) and dW (E, R); ddt is each direction's second gradient
-        ddt_f, ddt_b = scan_grads[1].reshape(-1, E).to(cdt), scan_grads[8].reshape(-1, E).to(cdt)
-        d_dt_low_f, d_dt_low_b, out[6], out[11] = _dt_proj_backward(ddt_f, x_dbl_f[..., :R_pad], dt_proj_w_f,
-                                                                    ddt_b, x_dbl_b[..., :R_pad], dt_proj_w_b)
-        for d, (x_d, x_proj_w, d_dt_low) in enumerate(((x_f, x_proj_w_f, d_dt_low_f), (x_b, x_proj_w_b, d_dt_low_b))):
-            dx, _, dA, dB, dC, dD, dbias = scan_grads[7 * d:7 * d + 7]
-            # (B L, R_pad + 2N); d dt_low is zero past R (the zero rows of x_proj)
-            d_dbl = torch.cat([d_dt_low, dB.reshape(-1, N), dC.reshape(-1, N)], dim=1)
+        cdt = x_dbl_f.dtype  # the matmuls' dtype in the forward (bf16 under autocast; also dt's, so ddt's)
+        # d x_dbl (B L, R_pad + 2N) = [d dt_low | dB | dC] per direction (d dt_low zero past R: the zero rows of
+        # x_proj) from one dt_proj backward launch, which also writes dB / dC there; and dt_proj's dW
+        d_dbl_f, d_dbl_b, out[6], out[11] = _dt_proj_backward(ddt_f.reshape(-1, E).to(cdt), x_dbl_f[..., :R_pad],
+                                                              dt_proj_w_f, ddt_b.reshape(-1, E).to(cdt),
+                                                              x_dbl_b[..., :R_pad], dt_proj_w_b, dBC)
+        for d, (x_d, x_proj_w, d_dbl, dx) in enumerate(((x_f, x_proj_w_f, d_dbl_f, dx_f),
+                                                       (x_b, x_proj_w_b, d_dbl_b, dx_b))):
             # x_proj's dgrad added to the scan's dx by the GEMM: (B L, E)
-            _addmm_into(dx, d_dbl, x_proj_w.to(cdt))
-            dx_total.append(dx)
+            _addmm_into(dx, d_dbl, x_proj_w)
             base = 5 + 5 * d  # x_proj_w, dt_proj_w, A, D, dt_bias of this direction
             if need[base]:
-                out[base] = (d_dbl.t() @ x_d.reshape(-1, E).to(cdt)).to(x_proj_w.dtype)  # (R + 2N, E)
-            out[base + 2], out[base + 3], out[base + 4] = dA, dD, dbias
-        dconv = torch.ops.visionmamba.bimamba_conv_bwd_xz(dx_total[0], dx_total[1], xz[..., :E], conv_w_f, conv_b_f,
+                out[base] = (d_dbl.t() @ x_d.reshape(-1, E).to(cdt)).to(ctx.x_proj_dtype)  # (R_pad + 2N, E)
+            dA, dD, dbias = dpar[d].split([E * N, E, E])
+            A, D, bias = (scan_inputs[7 * d + i] for i in (2, 5, 6))
+            out[base + 2:base + 5] = dA.view(E, N).to(A.dtype), dD.to(D.dtype), dbias.to(bias.dtype)
+        dconv = torch.ops.visionmamba.bimamba_conv_bwd_xz(dx_f, dx_b, xz[..., :E], conv_w_f, conv_b_f,
                                                           conv_w_b, conv_b_b, d_xz)
         out[:5] = [d_xz] + _unpack_conv_grads([None, dconv], (conv_w_f, conv_b_f, conv_w_b, conv_b_b))[1:]
         return tuple(g if need[i] else None for i, g in enumerate(out))

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from visionmamba.optim import largest_first  # noqa: E402
 from visionmamba.utils import COMPILE_MODES  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -263,8 +264,11 @@ def _amp(device: torch.device, dtype: torch.dtype):
 def make_train_step(model, images, labels, device, dtype):
     model.train()
     # the fused AdamW kernel on CUDA (one launch group instead of foreach's many; the same for every row, so the
-    # ratios stay fair): PyTorch's default foreach step was 1 ms of a 36 ms H200 step for shufflemamba_tiny
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+    # ratios stay fair): PyTorch's default foreach step was 1 ms of a 36 ms H200 step for shufflemamba_tiny. The
+    # parameters largest first, as `build_optimizer` orders them (`largest_first`: 0.44 -> 0.14 ms for that model)
+    params = list(model.parameters())
+    params = [params[i] for i in largest_first(params)]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     def step():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from visionmamba.optim import LRScheduler, build_optimizer, build_scheduler, param_groups, scale_lr
+from visionmamba.optim import (LRScheduler, align_optimizer_state, build_optimizer, build_scheduler, largest_first,
+                               param_groups, scale_lr)
 
 
 class TinyMixer(nn.Module):
@@ -125,6 +126,41 @@ def test_build_optimizer_settings():
     assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["nesterov"]
     with pytest.raises(ValueError, match="Unknown optimizer 'lamb'; valid names are adamw, sgd"):
         build_optimizer(model, name="lamb", lr=0.1)
+
+
+def test_build_optimizer_orders_each_group_largest_first():
+    model = TinyVim()
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    by_name = dict(model.named_parameters())
+    groups = param_groups(model, 0.1)
+    for group, reference in zip(optimizer.param_groups, groups):
+        sizes = [p.numel() for p in group["params"]]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+        assert sorted(group["param_names"]) == sorted(reference["param_names"])  # the same split, reordered
+        assert all(by_name[n] is p for n, p in zip(group["param_names"], group["params"]))  # names follow params
+    assert largest_first([torch.zeros(2), torch.zeros(5), torch.zeros(2), torch.zeros(7)]) == [3, 1, 0, 2]
+
+
+def test_optimizer_state_saved_in_another_order_is_restored_by_name():
+    """A checkpoint written before parameters were ordered largest first (model order) resumes with each moment on
+    its own parameter: PyTorch alone would load them by position."""
+    torch.manual_seed(0)
+    model = TinyVim()
+    old = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, weight_decay=0.1)  # model order, as before
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    old.step()
+    saved = old.state_dict()
+    expected = {name: old.state[p]["exp_avg"].clone() for g in old.param_groups
+                for name, p in zip(g["param_names"], g["params"])}
+
+    new = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    assert [g["param_names"] for g in new.param_groups] != [g["param_names"] for g in saved["param_groups"]]
+    new.load_state_dict(align_optimizer_state(saved, new))
+    for g in new.param_groups:
+        for name, p in zip(g["param_names"], g["params"]):
+            torch.testing.assert_close(new.state[p]["exp_avg"], expected[name], rtol=0, atol=0)
+    assert align_optimizer_state(new.state_dict(), new)["param_groups"] == new.state_dict()["param_groups"]
 
 
 def test_scale_lr_deit_rule():

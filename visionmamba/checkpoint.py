@@ -34,6 +34,7 @@ import torch.nn as nn
 
 # One error type for every checkpoint problem; foreign formats and their adaptation live with the models.
 from .models._pretrained import CheckpointError, LoadReport, load_pretrained, read_checkpoint
+from .optim import align_optimizer_state
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -195,7 +196,7 @@ def restore_training_state(state: dict[str, Any], *, model: nn.Module, ema: Any,
     apply_weights(model, clean_state_dict(state["model"]), source=source)
     if ema is not None and state.get("model_ema") is not None:
         ema.module.load_state_dict(clean_state_dict(state["model_ema"]))
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(align_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])

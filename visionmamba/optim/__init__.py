@@ -1,6 +1,6 @@
 """Optimization: weight-decay groups, LR scaling, optimizer and scheduler factories (plain functions, no Hydra)."""
 
-from .optimizer import OPTIMIZER_NAMES, build_optimizer, scale_lr
+from .optimizer import OPTIMIZER_NAMES, align_optimizer_state, build_optimizer, largest_first, scale_lr
 from .param_groups import DECAY_MODES, param_groups
 from .scheduler import INTERVALS, LRScheduler, build_scheduler
 
@@ -9,8 +9,10 @@ __all__ = [
     "INTERVALS",
     "OPTIMIZER_NAMES",
     "LRScheduler",
+    "align_optimizer_state",
     "build_optimizer",
     "build_scheduler",
+    "largest_first",
     "param_groups",
     "scale_lr",
 ]

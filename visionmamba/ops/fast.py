@@ -137,7 +137,11 @@ CONFIG = {
     # the Gluon convs (`_fast_gluon`; the backward in one launch), used on CUDA unless the list is empty: VE channels
     # per thread (BLOCK_E = VE * 32 * num_warps), tiles of BLOCK_T rows; a batch row's rows are split over programs
     # (at least min_rows each) until there are min_programs
-    "conv_fwd_gluon": [dict(max_e=1 << 30, BLOCK_T=4, VE=2, num_warps=1, min_programs=2048, min_rows=48)],
+    # (H200, bf16, one-launch CUDA-graph timing, B 128 x L 197 / B 32 x L 6085, E 384: min_programs 4096 24.1 / 138.9
+    # us, 2048 23.9 / 164.3, 8192 23.8 / 140.3 at BLOCK_T 4; BLOCK_T 8 23.0 / 150.0; VE 1 and maxnreg 48 slower;
+    # docs/results/conv_sweep_h200.json; the backward: its defaults best at 224 px, and register caps of 96 / 80 / 72
+    # (more resident warps) slower)
+    "conv_fwd_gluon": [dict(max_e=1 << 30, BLOCK_T=4, VE=2, num_warps=1, min_programs=4096, min_rows=48)],
     # (H200, bf16, backward launch at B 128, L 197, E 384 / 768, and B 32, L 6085, E 384: BLOCK_T 8 / VE 1 0.056 /
     # 0.090 / 0.345 ms, BLOCK_T 8 / VE 2 0.073 / 0.087 / 0.245, BLOCK_T 4 / VE 2 0.084 / 0.093 / 0.273, unsplit
     # 0.070 / 0.086 / 1.28; the two Triton kernels 0.187 / 0.306 / 2.00)
@@ -442,7 +446,7 @@ def _bwd_launch(grad: Tensor, *inputs: Tensor, dz_out: Optional[Tensor] = None) 
 
 
 def _register_cap(cfg: dict) -> dict:
-    """Optional ``maxnreg`` (registers per thread): trades spills for occupancy in the register-bound scans."""
+    """Optional ``maxnreg`` (registers per thread): trades spills for occupancy in register-bound kernels."""
     return {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
 
 
@@ -534,7 +538,7 @@ def conv_fwd_triton(x: Tensor, w_f: Tensor, b_f: Tensor, w_b: Tensor, b_b: Tenso
         G.bimamba_conv_fwd_gluon_kernel[grid](
             x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), out_f, out_b, L, E, x.stride(0), x.stride(1),
             rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"], NUM_WARPS=gcfg["num_warps"],
-            num_warps=gcfg["num_warps"])
+            num_warps=gcfg["num_warps"], **_register_cap(gcfg))
         return out_f, out_b
     cfg = _config("conv_fwd", E)
     grid = (triton_cdiv(L, cfg["BLOCK_T"]), triton_cdiv(E, cfg["BLOCK_E"]), b)
@@ -592,7 +596,7 @@ def _conv_bwd_launch(g_f: Tensor, g_b: Tensor, x: Tensor, w_f: Tensor, b_f: Tens
         G.bimamba_conv_bwd_gluon_kernel[grid](
             x, _param(w_f), _param(b_f), _param(w_b), _param(b_b), g_f, g_b, dx, dpar, L, E, x.stride(0),
             x.stride(1), dx.stride(1), rows, W=W, BLOCK_T=gcfg["BLOCK_T"], VE=gcfg["VE"],
-            NUM_WARPS=gcfg["num_warps"], num_warps=gcfg["num_warps"])
+            NUM_WARPS=gcfg["num_warps"], num_warps=gcfg["num_warps"], **_register_cap(gcfg))
     elif dx.numel() > 0:
         # two launches: gp = g * SiLU'(pre) of both directions (with dw/db), then dx from shifted gp rows
         gp_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32

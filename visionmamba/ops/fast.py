@@ -357,16 +357,22 @@ def _pack_grads(grads: Sequence[Tensor]) -> list[Tensor]:
     return [dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar.float()]
 
 
+def _param_grads(dpar: Tensor, d: int, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Direction d's [dA, dD, d dt_bias] from the packed fp32 dpar, in their inputs' dtypes (views where they are)."""
+    A, D, bias = (inputs[7 * d + i] for i in (2, 5, 6))
+    E, N = A.shape
+    dA, dD, dbias = dpar[d].split([E * N, E, E])
+    return [dA.view(E, N).to(A.dtype), dD.to(D.dtype), dbias.to(bias.dtype)]
+
+
 def _unpack_grads(packed: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
     """The packed layout -> 15 gradients in `bimamba_scan` order, each in its input's dtype (views where it is)."""
     dx_f, ddt_f, dx_b, ddt_b, dz, dBC, dpar = packed
-    E, N = inputs[2].shape
     out = []
     for d, (dx, ddt) in enumerate(((dx_f, ddt_f), (dx_b, ddt_b))):
-        A, B, C, D, bias = (inputs[7 * d + i] for i in (2, 3, 4, 5, 6))
-        dA, dD, dbias = dpar[d].split([E * N, E, E])
-        out += [dx, ddt, dA.view(E, N).to(A.dtype), dBC[2 * d].to(B.dtype), dBC[2 * d + 1].to(C.dtype),
-                dD.to(D.dtype), dbias.to(bias.dtype)]
+        B, C = inputs[7 * d + 3], inputs[7 * d + 4]
+        dA, dD, dbias = _param_grads(dpar, d, inputs)
+        out += [dx, ddt, dA, dBC[2 * d].to(B.dtype), dBC[2 * d + 1].to(C.dtype), dD, dbias]
     return out + [dz]
 
 
@@ -977,12 +983,11 @@ class _BiMambaInner(torch.autograd.Function):
         R_pad = x_proj_w_f.shape[0] - 2 * N  # B starts after R_pad >= R columns of x_dbl (zero rows of x_proj past R)
         x, z = xz[..., :E], xz[..., E:]  # (B, L, E) views, unit stride along E
         x_f, x_b = torch.ops.visionmamba.bimamba_conv(x, conv_w_f, conv_b_f, conv_w_b, conv_b_b)
-        # F.linear follows autocast as in the unfused mixer: x_dbl (B, L, R_pad + 2N) = [dt_low | 0 | B | C], dt (B,
-        # L, E)
-        # the weights cast here (F.linear under autocast would cast them too) and saved in that dtype: the backward's
+        # the x_proj weights cast to x's dtype here, as F.linear under autocast would, and saved cast: the backward's
         # x_proj dgrad uses them as they are, with no cast of its own
         ctx.x_proj_dtype = x_proj_w_f.dtype
         x_proj_w_f, x_proj_w_b = x_proj_w_f.to(x_f.dtype), x_proj_w_b.to(x_b.dtype)
+        # x_dbl (B, L, R_pad + 2N) = [dt_low | 0 | B | C], dt (B, L, E), as in the unfused mixer
         x_dbl_f, x_dbl_b = F.linear(x_f, x_proj_w_f), F.linear(x_b, x_proj_w_b)
         # dt_low with x_proj's zero padding: R_pad columns, a multiple of 8 (16-byte rows of bf16), load as vectors
         dt_f, dt_b = dt_proj(x_dbl_f[..., :R_pad], dt_proj_w_f, x_dbl_b[..., :R_pad], dt_proj_w_b)
@@ -1021,9 +1026,7 @@ class _BiMambaInner(torch.autograd.Function):
             base = 5 + 5 * d  # x_proj_w, dt_proj_w, A, D, dt_bias of this direction
             if need[base]:
                 out[base] = (d_dbl.t() @ x_d.reshape(-1, E).to(cdt)).to(ctx.x_proj_dtype)  # (R_pad + 2N, E)
-            dA, dD, dbias = dpar[d].split([E * N, E, E])
-            A, D, bias = (scan_inputs[7 * d + i] for i in (2, 5, 6))
-            out[base + 2:base + 5] = dA.view(E, N).to(A.dtype), dD.to(D.dtype), dbias.to(bias.dtype)
+            out[base + 2:base + 5] = _param_grads(dpar, d, scan_inputs)  # dA, dD, d dt_bias
         dconv = torch.ops.visionmamba.bimamba_conv_bwd_xz(dx_f, dx_b, xz[..., :E], conv_w_f, conv_b_f,
                                                           conv_w_b, conv_b_b, d_xz)
         out[:5] = [d_xz] + _unpack_conv_grads([None, dconv], (conv_w_f, conv_b_f, conv_w_b, conv_b_b))[1:]

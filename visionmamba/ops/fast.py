@@ -979,8 +979,9 @@ class _BiMambaInner(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, conv_w_f, conv_b_f, conv_w_b, conv_b_b, x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f,
                 x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b):
-        E, R, N = xz.shape[-1] // 2, dt_proj_w_f.shape[1], A_f.shape[1]
-        R_pad = x_proj_w_f.shape[0] - 2 * N  # B starts after R_pad >= R columns of x_dbl (zero rows of x_proj past R)
+        E, N = xz.shape[-1] // 2, A_f.shape[1]
+        # B starts after R_pad >= R columns of x_dbl (R: dt_proj's rank; zero rows of x_proj past it)
+        R_pad = x_proj_w_f.shape[0] - 2 * N
         x, z = xz[..., :E], xz[..., E:]  # (B, L, E) views, unit stride along E
         x_f, x_b = torch.ops.visionmamba.bimamba_conv(x, conv_w_f, conv_b_f, conv_w_b, conv_b_b)
         # the x_proj weights cast to x's dtype here, as F.linear under autocast would, and saved cast: the backward's
@@ -1003,7 +1004,7 @@ class _BiMambaInner(torch.autograd.Function):
     def backward(ctx, grad):
         (xz, x_f, x_b, x_dbl_f, x_dbl_b, dt_f, dt_b, conv_w_f, conv_b_f, conv_w_b, conv_b_b,
          x_proj_w_f, dt_proj_w_f, A_f, D_f, dt_bias_f, x_proj_w_b, dt_proj_w_b, A_b, D_b, dt_bias_b) = ctx.saved_tensors
-        E, R, N = xz.shape[-1] // 2, dt_proj_w_f.shape[1], A_f.shape[1]
+        E, N = xz.shape[-1] // 2, A_f.shape[1]
         R_pad = x_proj_w_f.shape[0] - 2 * N
         need = ctx.needs_input_grad
         scan_inputs = _inner_scan_inputs(R_pad, N, xz[..., E:], x_f, dt_f, x_dbl_f, A_f, D_f, dt_bias_f,
